@@ -1,0 +1,82 @@
+"""``advgkl train | eval | leaderboard | reproduce | export-robustbench``.
+
+User errors (bad recipe, missing data, wrong checkpoint) print one paragraph and exit 2; anything else
+is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .trainers import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    results = train(cfg, out, resume=args.resume)
+    print(f"results: {out / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
+          f"autoattack_acc={results['autoattack_acc']}")
+
+
+def _eval(args) -> None:
+    from .evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, out=args.out, n_examples=args.n_examples,
+                                  version=args.version, attacks=args.attacks, batch_size=args.batch_size,
+                                  device=args.device, wandb=args.wandb, data_root=args.data_root)
+    print(f"results: {Path(results['out']) / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
+          f"autoattack_acc={results['autoattack_acc']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advgkl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe, then evaluate it with AutoAttack")
+    p.add_argument("recipe", help="YAML recipe, e.g. experiments/recipes/fmnist_gkl_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.epochs=2 data.subset=2000")
+    p.add_argument("--out", help="run folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="clean + AutoAttack accuracy of a saved checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="output folder (default <run>/eval_<checkpoint>)")
+    p.add_argument("--n-examples", type=int, help="first N test points (0 = all)")
+    p.add_argument("--version", choices=["standard", "plus", "custom", "fast", "none"])
+    p.add_argument("--attacks", nargs="+", help="with --version custom, e.g. apgd-ce apgd-t")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's data.root)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
+    p.set_defaults(func=_eval)
+
+    try:
+        from .robustbench_io import register_cli
+    except ImportError:  # robustbench commands are optional: the rest works without robustbench
+        pass
+    else:
+        register_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"advgkl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"advgkl {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

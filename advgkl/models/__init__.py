@@ -1,0 +1,149 @@
+"""Model registry: every network takes images in [0, 1]; input normalisation lives inside the model.
+
+    model = create_model("wrn_34_10", num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    model.normalize   # Normalize: mean/std buffers, saved in the state_dict
+    model.net         # the bare network registered under the name
+
+A new architecture is one factory `fn(num_classes, in_channels, **kw) -> nn.Module` decorated with
+`@register_model("name")`; its keyword arguments are the only extra ones `create_model` accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from advgkl.errors import UserError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: register `fn(num_classes, in_channels, **kw) -> nn.Module` under `name`."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Sorted names of all registered models."""
+    return sorted(_MODELS)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; x: [B, C, H, W] in [0, 1]. mean/std are buffers, shape [1, C, 1, 1]."""
+
+    def __init__(self, mean: float | Sequence[float] = 0.0, std: float | Sequence[float] = 1.0,
+                 in_channels: int = 3):
+        super().__init__()
+        self.register_buffer("mean", _per_channel(mean, in_channels, "mean"))
+        self.register_buffer("std", _per_channel(std, in_channels, "std"))
+        # buffers rather than constants: the normalisation travels with every checkpoint
+        if self.std.device.type != "meta" and bool((self.std <= 0).any()):
+            raise UserError(f"std must be positive, got {std}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def _per_channel(value, in_channels: int, what: str) -> torch.Tensor:
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) == 1:
+        values = values * in_channels
+    if len(values) != in_channels:
+        raise UserError(f"{what} has {len(values)} values but the model has in_channels={in_channels}")
+    return torch.tensor(values, dtype=torch.float32).view(1, in_channels, 1, 1)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
+                 mean: float | Sequence[float] = 0.0, std: float | Sequence[float] = 1.0,
+                 **kw) -> nn.Sequential:
+    """Build `Sequential(normalize=Normalize(mean, std), net=<registered net>)`.
+
+    Input [B, in_channels, H, W] in [0, 1]; output logits [B, num_classes]. mean/std default to the
+    identity (0, 1). Unknown names and unknown keyword arguments raise `UserError`.
+    Build inside `with torch.device("meta"):` to count parameters without allocating them.
+    """
+    if name not in _MODELS:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    factory = _MODELS[name]
+    allowed = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "in_channels")]
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise UserError(f"model {name!r} got unknown options {unknown}; it accepts {sorted(allowed)}")
+    net = factory(num_classes=num_classes, in_channels=in_channels, **kw)
+    return nn.Sequential(OrderedDict(normalize=Normalize(mean, std, in_channels), net=net))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers excluded); works on meta-device models."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Size and cost of one forward pass of one image: params, macs (multiply-adds), flops = 2 * macs."""
+
+    name: str
+    params: int
+    macs: int
+    flops: int
+    image_shape: tuple[int, int, int]
+
+
+def model_info(name: str, num_classes: int = 10, image_shape: tuple[int, int, int] = (3, 32, 32),
+               **kw) -> ModelInfo:
+    """Parameter count and conv/linear MACs per image, computed on the meta device (no memory, ~instant).
+
+    Only Conv2d and Linear are counted (BatchNorm, activations and pooling are <1% of the total).
+    """
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0], **kw)
+        macs = 0
+
+        def hook(module, inputs, output):
+            nonlocal macs
+            if isinstance(module, nn.Conv2d):
+                kh, kw_ = module.kernel_size
+                macs += output[0].numel() * (module.in_channels // module.groups) * kh * kw_
+            else:
+                macs += module.in_features * module.out_features
+        handles = [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear))]
+        model.eval()
+        model(torch.empty(1, *image_shape))
+        for h in handles:
+            h.remove()
+    return ModelInfo(name, count_params(model), macs, 2 * macs, tuple(image_shape))
+
+
+ACTIVATIONS = ("relu", "swish")
+
+
+def make_activation(name: str) -> nn.Module:
+    """`relu` or `swish` (= SiLU, x * sigmoid(x), what the generated-data WRNs use)."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "swish":
+        return nn.SiLU()  # not in place: SiLU's backward needs its input
+    raise UserError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+
+
+# importing the architecture modules fills the registry
+from advgkl.models import preact_resnet, small, wide_resnet  # noqa: E402,F401
+
+__all__ = ["ACTIVATIONS", "ModelInfo", "Normalize", "count_params", "create_model", "list_models", "make_activation",
+           "model_info", "register_model"]
