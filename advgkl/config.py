@@ -108,6 +108,8 @@ class EvalConfig:
     val_pgd_steps: int = 10
     val_every: int = 1
     evaluate_best: bool = False  # also AutoAttack the best-validation checkpoint
+    honesty_checks: bool = True  # gradient-masking checks after every evaluation (advgkl.honesty)
+    honesty_pgd_steps: int = 20
 
 
 @dataclass
@@ -131,6 +133,8 @@ class RuntimeConfig:
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int = 0  # also mid-epoch, for long epochs (0 = off)
     resume: str = "never"
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout_s: int = 1800  # under torchrun: a collective waiting longer (dead or hung rank) ends the job
 
 
 @dataclass
@@ -178,8 +182,8 @@ NON_NEGATIVE = {
 }
 POSITIVE = {
     "data.batch_size", "data.image_size", "method.prior_temperature", "method.kd_temperature",
-    "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every",
-    "runtime.checkpoint_every",
+    "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
+    "runtime.checkpoint_every", "runtime.dist_timeout_s",
 }
 _FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from . import honesty
 from .attacks import AutoAttack
 from .checkpoint import environment_info, load_checkpoint, write_json
 from .config import Config, from_dict
@@ -59,6 +60,15 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
         result.update(clean_acc=r.clean_acc, autoattack_acc=r.robust_acc,
                       per_attack_robust_acc=r.per_attack_robust_acc, autoattack_version=r.version,
                       autoattack_attacks=r.attacks, per_point=r.to_dict()["per_point"])
+    if e.honesty_checks:
+        aa_robust = broken_by = None
+        if e.version != "none":
+            aa_robust, broken_by = r.robust_correct, result["per_point"].get("broken_by")
+        result["honesty"] = honesty.check(model, x, y, eps=eps, norm=cfg.attack.norm, aa_robust=aa_robust,
+                                          broken_by=broken_by, attacks=result.get("autoattack_attacks"),
+                                          steps=e.honesty_pgd_steps, device=device, batch_size=e.batch_size)
+        for w in result["honesty"]["warnings"]:
+            print(f"[{tag}] WARNING suspicious robustness number: {w}", flush=True)
     result["eval_wall_time_s"] = time.perf_counter() - t0
     print(f"[{tag}] clean {result['clean_acc']:.4f}  AutoAttack ({result['autoattack_version']}) "
           f"{result['autoattack_acc'] if result['autoattack_acc'] is not None else 'skipped'}  "
@@ -85,6 +95,9 @@ def gather_results(cfg: Config, evaluations: dict, *, train_time_s: float | None
         "clean_acc": head["clean_acc"],
         "autoattack_acc": head["autoattack_acc"],
         "per_attack_robust_acc": head["per_attack_robust_acc"],
+        "suspicious_gradient_masking": any(v.get("honesty", {}).get("suspicious_gradient_masking", False)
+                                           for v in evaluations.values()),
+        "warnings": [w for v in evaluations.values() for w in v.get("honesty", {}).get("warnings", [])],
         "n_examples": head["n_examples"],
         "autoattack_version": head["autoattack_version"],
         "seed": cfg.runtime.seed,
@@ -129,7 +142,8 @@ def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attack
     results["checkpoint"] = str(path)
     results["environment"] = environment_info()
     write_json(out / "results.json", results)
-    logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc") if results[k] is not None})
+    logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc", "suspicious_gradient_masking")
+                    if results[k] is not None})
     logger.save_artifact(out / "results.json", name=f"eval-{cfg.name}")
     logger.finish()
     results["out"] = str(out)

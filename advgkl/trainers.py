@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import losses
+from . import distributed, losses
 from .attacks import PGD, make_objective
 from .checkpoint import (FORMAT, RunLock, atomic_torch_save, environment_info, load_checkpoint, rng_state,
                          seed_everything, set_rng_state, write_json)
@@ -140,6 +140,7 @@ class AWP:
         loss = -loss_fn(self.proxy)
         self.proxy_opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.current().average_gradients(self.proxy)  # DDP: every rank takes the global ascent step
         self.proxy_opt.step()
         with torch.no_grad():
             proxy = dict(self.proxy.named_parameters())
@@ -275,7 +276,9 @@ def load_training_data(cfg: Config):
 
 # Config sections that may change between a run and its resume without changing the weights.
 RESUMABLE_CHANGES = ("eval.", "logging.", "runtime.resume", "runtime.device", "runtime.threads",
-                     "runtime.checkpoint_every", "name")
+                     "runtime.checkpoint_every", "name",
+                     # like the number of processes, which a resume may also change
+                     "runtime.dist_timeout_s", "runtime.sync_bn")
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -292,7 +295,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # ------------------------------------------------------------------------------------------- loop
 @torch.no_grad()
 def robust_accuracy_pgd(model, images, labels, cfg: Config, device, steps: int, batch_size: int = 500):
-    """(clean, PGD-``steps`` CE) accuracy on uint8 images; used for validation and honesty checks."""
+    """(clean, PGD-``steps`` CE) accuracy on uint8 images, for validation-based checkpoint selection."""
     atk = PGD(eps=cfg.eval.eps or cfg.attack.eps, steps=steps, norm=cfg.attack.norm, random_start="uniform")
     clean = robust = 0
     was_training = model.training
@@ -306,22 +309,47 @@ def robust_accuracy_pgd(model, images, labels, cfg: Config, device, steps: int, 
     return clean / len(images), robust / len(images)
 
 
-def _checkpoint(path: Path, cfg, model, ema, opt, prior, epoch, step, loader, best_val, train_time):
+def _checkpoint(path: Path, cfg, model, ema, opt, prior, epoch, step, loader, best_val, train_time, rngs=None):
     atomic_torch_save({
         "format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
         "ema": ema.model.state_dict() if ema else None, "optimizer": opt.state_dict(),
         "prior": prior.state_dict() if prior else None, "epoch": epoch, "step": step,
         "loader": loader.state_dict(), "rng": rng_state(), "best_val_robust_acc": best_val,
-        "train_time_s": train_time,
+        "train_time_s": train_time, "rng_ranks": rngs,
     }, path)
 
 
+def _save_last(world, *args) -> None:
+    """``_checkpoint`` on rank 0, holding every rank's RNG state so each rank resumes its own random stream."""
+    rngs = world.gather_object(rng_state()) if world.size > 1 else None  # a collective: all ranks call it
+    if world.is_main:
+        _checkpoint(*args, rngs=rngs)
+
+
 def train(cfg: Config, out_dir, resume: bool = False) -> dict:
-    """Train ``cfg`` into ``out_dir``, evaluate at the end, write results.json; returns the results."""
+    """Train ``cfg`` into ``out_dir``, evaluate at the end, write results.json; returns the results.
+
+    Under torchrun every process calls this and trains with DistributedDataParallel
+    (``advgkl.distributed``); only rank 0 touches ``out_dir``.
+    """
     out = Path(out_dir)
     resume = resume or cfg.runtime.resume == "auto"
     ckpt_dir = out / "checkpoints"
     last_path = ckpt_dir / "last.pt"
+    with distributed.process_group(cfg.runtime.device, cfg.runtime.dist_timeout_s) as world, \
+            contextlib.ExitStack() as lock:
+        error = None
+        if world.is_main:
+            try:
+                _claim_output(out, last_path, resume)
+                lock.enter_context(RunLock(out))
+            except UserError as e:
+                error = e
+        world.agree(error)  # rank 0's refusal ends every rank
+        return _train_locked(cfg, out, ckpt_dir, last_path, resume)
+
+
+def _claim_output(out: Path, last_path: Path, resume: bool) -> None:
     if not resume and (last_path.exists() or (out / "results.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     try:
@@ -331,23 +359,30 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
-    with RunLock(out):
-        return _train_locked(cfg, out, ckpt_dir, last_path, resume)
 
 
 def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resume: bool) -> dict:
     from .evaluate import evaluate_model, gather_results
 
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if state is not None:
-        diff = _config_diff(state["config"], cfg.to_dict())
-        if diff:
-            raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in "
-                            + "; ".join(diff))
-    print(f"advgkl train -> {out}\n{to_yaml(cfg)}", flush=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    world = distributed.current()
+    state, error = None, None
+    if world.is_main:  # the other ranks never read the output folder: they get the checkpoint by broadcast
+        try:
+            state = load_checkpoint(last_path) if resume and last_path.exists() else None
+            diff = _config_diff(state["config"], cfg.to_dict()) if state is not None else []
+            if diff:
+                raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in "
+                                + "; ".join(diff))
+        except UserError as e:
+            error = e
+        if error is None:
+            print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
+                  + f"\n{to_yaml(cfg)}", flush=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+    world.agree(error)
+    state = world.broadcast(state)
 
-    device = resolve_device(cfg.runtime.device)
+    device = world.device(resolve_device(cfg.runtime.device))
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     if cfg.runtime.deterministic:
@@ -361,15 +396,19 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     channels_last = cfg.runtime.channels_last == "on" or (cfg.runtime.channels_last == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    (train_x, train_y), val = load_training_data(cfg)
+    with world.main_first():  # a first-use download happens once, not once per rank
+        (train_x, train_y), val = load_training_data(cfg)
     generated = load_generated_npz(cfg.data.generated) if cfg.data.generated else None
+    distributed.local_batch_size(cfg.data.batch_size, world)  # data.batch_size is global: it must split evenly
     loader = BatchLoader(train_x, train_y, cfg.data.batch_size, shuffle=True, drop_last=True,
                          augment=cfg.data.augment, seed=cfg.runtime.seed, device=device,
-                         generated=generated, generated_ratio=cfg.data.generated_ratio)
+                         generated=generated, generated_ratio=cfg.data.generated_ratio,
+                         rank=world.rank, world_size=world.size)
     if len(loader) == 0:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({len(train_x)})")
 
     model = build_model(cfg).to(device, memory_format=memory_format)
+    model = world.convert_sync_bn(model, cfg.runtime.sync_bn, device)
     opt = make_optimizer(cfg, model, device)
     ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
     awp = AWP(model, cfg.awp.gamma) if cfg.awp.enabled else None
@@ -389,6 +428,13 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                      random_start=None if start == "none" else start, objective=objective_factory(ctx),
                      amp_dtype=dtype)
     compiled = torch.compile(model) if cfg.runtime.compile else model
+    # DDP wraps the training-loss forwards only: attacks, AWP's proxy and evaluation run the bare module
+    train_net = compiled
+    if world.distributed:
+        train_net = world.wrap(model)
+        train_net = torch.compile(train_net) if cfg.runtime.compile else train_net
+    if world.rank:  # the weights above are identical on all ranks; random starts from here on are not
+        seed_everything(cfg.runtime.seed + world.rank)
 
     start_epoch, step, best_val, train_time = 0, 0, -1.0, 0.0
     if state is not None:
@@ -401,11 +447,19 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
         loader.load_state_dict(state["loader"])
         start_epoch, step, best_val = state["epoch"], state["step"], state["best_val_robust_acc"]
         train_time = state["train_time_s"]
-        set_rng_state(state["rng"])
-        print(f"resumed from {last_path} at epoch {start_epoch}, batch {state['loader']['batch']}", flush=True)
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(rngs[world.rank] if len(rngs) == world.size else state["rng"])
+        if len(rngs) != world.size and world.rank:
+            seed_everything(cfg.runtime.seed + world.rank)
+        if world.is_main:
+            print(f"resumed from {last_path} at epoch {start_epoch}, batch {state['loader']['batch']}", flush=True)
+            if len(rngs) != world.size:
+                print(f"note: the checkpoint was written by {len(rngs)} process(es), this job has {world.size}: "
+                      "data order and weights continue exactly, the attacks' random starts do not", flush=True)
 
     logger = RunLogger(out, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.name,
-                       group=cfg.logging.group, tags=cfg.logging.tags, config=cfg.to_dict(), resume=resume)
+                       group=cfg.logging.group, tags=cfg.logging.tags, config=cfg.to_dict(),
+                       resume=resume) if world.is_main else distributed.NullLogger()
     steps_per_epoch = len(loader)
     for epoch in range(start_epoch, cfg.optim.epochs):
         ctx.epoch = epoch
@@ -419,7 +473,8 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
         model.train()
         sums = torch.zeros(4, device=device)  # loss, nat correct, adv correct, samples
         t0 = time.perf_counter()
-        bar = _progress(loader, cfg, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        bar = (_progress(loader, cfg, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
+               if world.is_main else loader)
         for x, y in bar:
             lr = lr_at(step, steps_per_epoch, cfg)
             for group in opt.param_groups:
@@ -433,8 +488,8 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                 x_adv = attack(compiled, x, y, eps=eps, step_size=step_size, nat_logits=ctx.teacher_logits)
             if awp_on:
                 awp.perturb(model, lambda net: _forward_loss(loss_fn, net, x, x_adv, y, ctx, autocast)[0])
-            loss, nat_logits, adv_logits = _forward_loss(loss_fn, compiled, x, x_adv, y, ctx, autocast)
-            if not torch.isfinite(loss):
+            loss, nat_logits, adv_logits = _forward_loss(loss_fn, train_net, x, x_adv, y, ctx, autocast)
+            if not world.all_finite(loss):
                 logger.finish()
                 raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step} "
                                 f"(lr {lr:.4g}); the last good checkpoint is {last_path}")
@@ -443,10 +498,12 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
             opt.step()
             if awp_on:
                 awp.restore(model)
+            world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere, before EMA copies them
             if ema:
                 ema.update(model, active=epoch >= cfg.ema.start_epoch)
-            if prior is not None:
-                prior.update(nat_logits if m.name == "gkl_at" else ctx.teacher_logits, y)
+            if prior is not None:  # from the global batch, so the prior is the same on every rank
+                prior.update(world.gather_rows(nat_logits if m.name == "gkl_at" else ctx.teacher_logits),
+                             world.gather_rows(y))
             with torch.no_grad():
                 sums += torch.stack([
                     loss.detach().float() * len(y),
@@ -457,18 +514,19 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
             every = cfg.runtime.checkpoint_every_steps
             # Not after the epoch's last batch: the end-of-epoch checkpoint (with the finished prior) follows.
             if every and step % every == 0 and loader.state_dict()["epoch"] == epoch:
-                _checkpoint(last_path, cfg, model, ema, opt, prior, epoch, step, loader, best_val,
-                            train_time + time.perf_counter() - t0)
+                _save_last(world, last_path, cfg, model, ema, opt, prior, epoch, step, loader, best_val,
+                           train_time + time.perf_counter() - t0)
         if prior is not None:
             prior.finish_epoch()
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
-        loss_sum, nat_c, adv_c, n = sums.tolist()
+        loss_sum, nat_c, adv_c, n = world.sum_(sums).tolist()
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "eps": eps, "train_loss": loss_sum / n,
                   "train_nat_acc": nat_c / n if m.name != "pgd_at" else None,
                   "train_adv_acc": adv_c / n if attack is not None else None,
                   "images_per_s": n / epoch_time, "epoch_time_s": epoch_time}
-        if val is not None and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.optim.epochs):
+        if world.is_main and val is not None and ((epoch + 1) % cfg.eval.val_every == 0
+                                                  or epoch + 1 == cfg.optim.epochs):  # rank 0 only: cheap
             net = ema.model if ema else model
             v_clean, v_rob = robust_accuracy_pgd(net, val[0], val[1], cfg, device, cfg.eval.val_pgd_steps)
             record.update(val_clean_acc=v_clean, val_pgd_acc=v_rob)
@@ -477,26 +535,35 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                 atomic_torch_save({"format": FORMAT, "config": cfg.to_dict(), "model": net.state_dict(),
                                    "ema": None, "epoch": epoch + 1, "val_pgd_acc": v_rob}, ckpt_dir / "best.pt")
         logger.log({k: v for k, v in record.items() if v is not None}, step=step)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in record.items() if v is not None), flush=True)
+        if world.is_main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items() if v is not None), flush=True)
         if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-            _checkpoint(last_path, cfg, model, ema, opt, prior, epoch + 1, step, loader, best_val, train_time)
+            _save_last(world, last_path, cfg, model, ema, opt, prior, epoch + 1, step, loader, best_val, train_time)
 
     final = {"format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
              "ema": ema.model.state_dict() if ema else None, "epoch": cfg.optim.epochs}
-    atomic_torch_save(final, ckpt_dir / "final.pt")
+    if world.is_main:
+        atomic_torch_save(final, ckpt_dir / "final.pt")
 
     evaluations = {}
     net = ema.model if ema else model
+    # under torchrun every rank evaluates: AutoAttack's chunks are shared out (distributed.autoattack)
     evaluations["ema" if ema else "final"] = evaluate_model(net, cfg, device, out, tag="final", logger=logger)
-    if cfg.eval.evaluate_best and (ckpt_dir / "best.pt").exists():
+    best_weights = None
+    if world.is_main and cfg.eval.evaluate_best and (ckpt_dir / "best.pt").exists():
+        best_weights = load_checkpoint(ckpt_dir / "best.pt")["model"]
+    best_weights = world.broadcast(best_weights)
+    if best_weights is not None:
         best = build_model(cfg).to(device)
-        best.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
+        best.load_state_dict(best_weights)
         evaluations["best"] = evaluate_model(best, cfg, device, out, tag="best", logger=logger)
     results = gather_results(cfg, evaluations, train_time_s=train_time, evaluated="ema" if ema else "final")
     results["environment"] = environment_info()
-    write_json(out / "results.json", results)
-    logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc") if results.get(k) is not None})
+    if world.is_main:
+        write_json(out / "results.json", results)
+    logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc", "suspicious_gradient_masking")
+                    if results.get(k) is not None})
     logger.save_artifact(out / "results.json", name=f"results-{cfg.name}")
     results["wandb_dir"] = logger.wandb_dir
     logger.finish()
