@@ -163,9 +163,8 @@ class PGD:
             Later restarts only run on samples not yet misclassified.
         objective ["ce"]: "ce" | "trades" | "gkl" (needs ``make_objective("gkl", prior=...)``) or a
             callable ``f(adv_logits, y, nat_logits) -> scalar to maximise`` with ``needs_nat``.
-        amp_dtype [None]: e.g. torch.bfloat16 (fp16 gradients may underflow without a scaler) runs the
-            forwards under autocast; the objective and the
-            input gradient stay fp32.
+        amp_dtype [None]: e.g. torch.bfloat16 runs the forwards under autocast; the objective and the
+            input gradient stay fp32 (prefer bf16: fp16 input gradients can underflow without a scaler).
     Call: ``atk(x, y, *, eps=None, steps=None, step_size=None, nat_logits=None) -> x_adv`` [B, C, H, W].
     ``nat_logits`` [B, K] (the natural branch the trainer already computed) saves one forward.
     """
@@ -413,7 +412,9 @@ class AutoAttack:
         batch_size [500]: chunk size (part of the schedule: results depend on it, as in pyautoattack).
         seed [0]: pyautoattack's seed (re-applied before every chunk). The caller's RNG state is restored.
         device [None]: where chunks run; default the model's parameters' device.
-        state_path [None]: file to checkpoint after every chunk and to resume from.
+        state_path [None]: file checkpointed (atomically) after every chunk; a later call with the same
+            inputs, model and settings resumes from it (a finished state returns its result at once), a
+            different one raises UserError naming what differs.
         progress [True]: tqdm bar over attacks.  allow_tf32 [False]: TF32 matmul/conv during the run.
         Targeted attacks use min(9, n_classes - 1) target classes (pyautoattack's 9 fails below 10 classes).
     Call: ``aa(x [N, C, H, W] float in [0, 1], y [N] int64) -> AutoAttackResult``.
