@@ -553,7 +553,8 @@ class AutoAttack:
                     continue
                 if state["current"] != name:  # chunks are fixed by the robust set when the attack starts
                     state.update(current=name, start_robust=robust.clone(), chunks_done=0)
-                chunks = state["start_robust"].nonzero().flatten().split(bs)
+                # split() of an empty index still yields one empty chunk: nothing robust, nothing to attack
+                chunks = [c for c in state["start_robust"].nonzero().flatten().split(bs) if len(c)]
                 for c, idx in enumerate(chunks):
                     if c < state["chunks_done"]:
                         continue
