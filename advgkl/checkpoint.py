@@ -33,6 +33,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only: the previous file is untouched
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise UserError(f"could not write {path} ({e.strerror or e}){kept}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -6,6 +6,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,24 +14,28 @@ from .errors import UserError
 
 
 def _train(args) -> None:
+    from . import distributed
     from .config import load_config
     from .trainers import train
 
     cfg = load_config(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     results = train(cfg, out, resume=args.resume)
-    print(f"results: {out / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
-          f"autoattack_acc={results['autoattack_acc']}")
+    if distributed.env_rank() == 0:  # under torchrun every rank returns the results; one line is enough
+        print(f"results: {out / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
+              f"autoattack_acc={results['autoattack_acc']}")
 
 
 def _eval(args) -> None:
+    from . import distributed
     from .evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.checkpoint, out=args.out, n_examples=args.n_examples,
                                   version=args.version, attacks=args.attacks, batch_size=args.batch_size,
                                   device=args.device, wandb=args.wandb, data_root=args.data_root)
-    print(f"results: {Path(results['out']) / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
-          f"autoattack_acc={results['autoattack_acc']}")
+    if distributed.env_rank() == 0:
+        print(f"results: {Path(results['out']) / 'results.json'}  clean_acc={results['clean_acc']:.4f}  "
+              f"autoattack_acc={results['autoattack_acc']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +75,9 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"advgkl {args.command}: error: {e}", file=sys.stderr)
+        env = os.environ  # under torchrun, say which process failed
+        where = f" (rank {env['RANK']} of {env['WORLD_SIZE']})" if {"RANK", "WORLD_SIZE"} <= env.keys() else ""
+        print(f"advgkl {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"advgkl {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)

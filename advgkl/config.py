@@ -185,6 +185,7 @@ POSITIVE = {
     "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
     "runtime.checkpoint_every", "runtime.dist_timeout_s",
 }
+_EXPONENT = re.compile(r"^\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*$")
 _FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
 
@@ -210,6 +211,8 @@ def _coerce(key: str, value, typ):
             if den == 0:
                 raise UserError(f"{key}: division by zero in {value!r}")
             return num / den
+        if isinstance(value, str) and _EXPONENT.match(value):  # PyYAML reads 5e-4 (no dot) as a string
+            return float(value)
     elif typ is str:
         if isinstance(value, str):
             return value

@@ -457,12 +457,17 @@ class BatchLoader:
     after B - round(r * B) real ones; an epoch is one pass over the real set, and the generated
     samples of epoch e are drawn without replacement from a randperm seeded by (seed, e).
     drop_last=False keeps a smaller last batch (with proportionally fewer generated samples).
+
+    rank=r, world_size=W (DDP): batch_size is the global batch; every rank builds the same global batch
+    (same order and augmentation) and yields its rows r::W, B / W of them, so the position is the
+    same on all ranks and a 1-rank and a W-rank run see the same global batches. Strided, not
+    contiguous, rows: a contiguous slice would give the last ranks only the generated samples.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = True,
                  drop_last: bool = True, augment: str = "none", crop_padding: int = 4, seed: int = 0,
                  device: str | torch.device = "cpu", generated: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 generated_ratio: float = 0.0):
+                 generated_ratio: float = 0.0, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
             raise UserError(f"BatchLoader needs uint8 images [N, C, H, W] and N labels, got images "
                             f"{images.dtype} {tuple(images.shape)} and {len(labels)} labels")
@@ -472,6 +477,10 @@ class BatchLoader:
             raise UserError(f"generated_ratio must be in [0, 1), got {generated_ratio}")
         if generated_ratio > 0 and generated is None:
             raise UserError("generated_ratio > 0 needs generated=(images, labels)")
+        if not 0 <= rank < world_size or batch_size % world_size:
+            raise UserError(f"the global batch_size {batch_size} must split evenly over world_size {world_size} "
+                            f"ranks (rank {rank} given)")
+        self.rank, self.world_size = rank, world_size
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.crop_padding, self.seed = augment, crop_padding, seed
         self.device = torch.device(device)
@@ -537,6 +546,8 @@ class BatchLoader:
             x = torch.cat([x, self.gen_images[gidx]])
             y = torch.cat([y, self.gen_labels[gidx]])
         x = augment_batch(x, self.augment, _seed_for(self.seed, epoch, k, 2), self.crop_padding)
+        if self.world_size > 1:  # augment the whole batch first: the result must not depend on world_size
+            x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
         return x.float().div_(255), y
 
     def __iter__(self):

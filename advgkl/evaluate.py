@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import honesty
+from . import distributed, honesty
 from .attacks import AutoAttack
 from .checkpoint import environment_info, load_checkpoint, write_json
 from .config import Config, from_dict
@@ -39,11 +39,14 @@ def clean_accuracy(model, x, y, device, batch_size: int = 500) -> torch.Tensor:
 def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", logger: RunLogger | None = None) -> dict:
     """Clean + AutoAttack accuracy of ``model`` on the first ``cfg.eval.n_examples`` test points.
 
-    AutoAttack state is saved under ``out`` after every chunk, so a killed evaluation resumes.
+    AutoAttack state is saved under ``out`` after every chunk, so a killed evaluation resumes. Under
+    torchrun every rank calls this: the ranks share AutoAttack's chunks, rank 0 alone prints and saves.
     """
     e = cfg.eval
     eps = e.eps or cfg.attack.eps
-    x, y = load_test_points(cfg, e.n_examples)
+    world = distributed.current()
+    with world.main_first():  # a first-use download happens once
+        x, y = load_test_points(cfg, e.n_examples)
     model = model.float().eval()  # AutoAttack always runs in fp32
     t0 = time.perf_counter()
     result = {"n_examples": len(x), "eps": eps, "threat_model": cfg.attack.norm}
@@ -56,11 +59,11 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
                         attacks=e.attacks if e.version == "custom" else None, batch_size=e.batch_size,
                         seed=cfg.runtime.seed, device=device, state_path=out / f"autoattack_state_{tag}.pt",
                         progress=cfg.logging.progress)
-        r = aa(x, y)
+        r = distributed.autoattack(aa, x, y)  # aa(x, y), or sharded over the ranks under torchrun
         result.update(clean_acc=r.clean_acc, autoattack_acc=r.robust_acc,
                       per_attack_robust_acc=r.per_attack_robust_acc, autoattack_version=r.version,
                       autoattack_attacks=r.attacks, per_point=r.to_dict()["per_point"])
-    if e.honesty_checks:
+    if e.honesty_checks and world.is_main:  # not sharded yet: rank 0 checks, the others wait
         aa_robust = broken_by = None
         if e.version != "none":
             aa_robust, broken_by = r.robust_correct, result["per_point"].get("broken_by")
@@ -70,9 +73,10 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
         for w in result["honesty"]["warnings"]:
             print(f"[{tag}] WARNING suspicious robustness number: {w}", flush=True)
     result["eval_wall_time_s"] = time.perf_counter() - t0
-    print(f"[{tag}] clean {result['clean_acc']:.4f}  AutoAttack ({result['autoattack_version']}) "
-          f"{result['autoattack_acc'] if result['autoattack_acc'] is not None else 'skipped'}  "
-          f"on {len(x)} points in {result['eval_wall_time_s']:.1f}s", flush=True)
+    if world.is_main:
+        print(f"[{tag}] clean {result['clean_acc']:.4f}  AutoAttack ({result['autoattack_version']}) "
+              f"{result['autoattack_acc'] if result['autoattack_acc'] is not None else 'skipped'}  "
+              f"on {len(x)} points in {result['eval_wall_time_s']:.1f}s", flush=True)
     if logger is not None:
         logger.log({f"eval/{tag}/clean_acc": result["clean_acc"],
                     **({f"eval/{tag}/autoattack_acc": result["autoattack_acc"]} if result["autoattack_acc"] is not None else {}),
@@ -111,7 +115,16 @@ def gather_results(cfg: Config, evaluations: dict, *, train_time_s: float | None
 
 def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attacks=None, batch_size=None,
                         device="auto", wandb="offline", data_root=None) -> dict:
-    """``advgkl eval``: rebuild the model from a checkpoint's own config and evaluate it."""
+    """``advgkl eval``: rebuild the model from a checkpoint's own config and evaluate it.
+
+    Under torchrun the ranks share AutoAttack's chunks; rank 0 alone writes ``out``.
+    """
+    with distributed.process_group(device):
+        return _evaluate_checkpoint(path, out=out, n_examples=n_examples, version=version, attacks=attacks,
+                                    batch_size=batch_size, device=device, wandb=wandb, data_root=data_root)
+
+
+def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size, device, wandb, data_root) -> dict:
     from .trainers import build_model, resolve_device
 
     path = Path(path)
@@ -125,7 +138,8 @@ def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attack
         raw["data"]["root"] = data_root
     raw["logging"]["wandb"] = wandb
     cfg = from_dict(raw)  # validates the overrides like a recipe
-    dev = resolve_device(device)
+    world = distributed.current()
+    dev = world.device(resolve_device(device))
     model = build_model(cfg)
     weights = "ema" if ckpt.get("ema") is not None else "model"
     try:
@@ -134,14 +148,17 @@ def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attack
         raise UserError(f"{path}: weights do not fit model {cfg.model.name} ({str(e).splitlines()[0]})") from None
     model.to(dev)
     out = Path(out) if out else path.parent.parent / f"eval_{path.stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:  # the other ranks never touch the output folder
+        out.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(out, mode=cfg.logging.wandb, project=cfg.logging.project, name=f"eval-{cfg.name}",
-                       group=cfg.logging.group, tags=cfg.logging.tags, config=cfg.to_dict(), job_type="eval")
+                       group=cfg.logging.group, tags=cfg.logging.tags, config=cfg.to_dict(),
+                       job_type="eval") if world.is_main else distributed.NullLogger()
     evaluation = evaluate_model(model, cfg, dev, out, tag=path.stem, logger=logger)
     results = gather_results(cfg, {weights: evaluation}, train_time_s=None, evaluated=weights)
     results["checkpoint"] = str(path)
     results["environment"] = environment_info()
-    write_json(out / "results.json", results)
+    if world.is_main:
+        write_json(out / "results.json", results)
     logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc", "suspicious_gradient_masking")
                     if results[k] is not None})
     logger.save_artifact(out / "results.json", name=f"eval-{cfg.name}")

@@ -25,10 +25,12 @@ class RunLogger:
     """``log(dict, step)`` appends one JSON line and mirrors it to W&B (mode offline|online|disabled)."""
 
     def __init__(self, out_dir, *, mode="offline", project="advgkl", name=None, group=None, tags=(),
-                 config=None, job_type="train", resume=False):
+                 config=None, job_type="train", resume=False, keep_until_step=None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        if keep_until_step is not None:
+            self._truncate(keep_until_step)
         self.run = None
         if mode == "disabled":
             return
@@ -47,6 +49,20 @@ class RunLogger:
             )
         except Exception as e:  # no network, bad key, broken install: training goes on without W&B
             self._fail("init", e)
+
+    def _truncate(self, step: int) -> None:
+        """On resume, drop the records written after the checkpoint we resume from: they get redone."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if isinstance(record.get("step"), int) and record["step"] <= step:
+                keep.append(line + "\n")
+        self.metrics_path.write_text("".join(keep))
 
     def _fail(self, what: str, e: Exception) -> None:
         print(f"warning: W&B {what} failed ({type(e).__name__}: {e}); continuing without W&B",

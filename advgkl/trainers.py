@@ -398,7 +398,9 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
 
     with world.main_first():  # a first-use download happens once, not once per rank
         (train_x, train_y), val = load_training_data(cfg)
-    generated = load_generated_npz(cfg.data.generated) if cfg.data.generated else None
+    info = dataset_info(cfg.data.dataset, root=data_root(cfg), image_size=cfg.data.image_size)
+    generated = (load_generated_npz(cfg.data.generated, num_classes=info.num_classes, image_shape=info.image_shape)
+                 if cfg.data.generated else None)
     distributed.local_batch_size(cfg.data.batch_size, world)  # data.batch_size is global: it must split evenly
     loader = BatchLoader(train_x, train_y, cfg.data.batch_size, shuffle=True, drop_last=True,
                          augment=cfg.data.augment, seed=cfg.runtime.seed, device=device,
@@ -414,7 +416,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     awp = AWP(model, cfg.awp.gamma) if cfg.awp.enabled else None
     m = cfg.method
     uses_prior = m.name in ("gkl_at", "gkl_kd") and m.weights == "prior"
-    num_classes = dataset_info(cfg.data.dataset, root=data_root(cfg), image_size=cfg.data.image_size).num_classes
+    num_classes = info.num_classes
     prior = losses.ClassPrior(num_classes, m.prior_temperature) if uses_prior else None
     ctx = Context(cfg=cfg, prior=prior)
     if m.name == "gkl_kd":
@@ -459,7 +461,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
 
     logger = RunLogger(out, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.name,
                        group=cfg.logging.group, tags=cfg.logging.tags, config=cfg.to_dict(),
-                       resume=resume) if world.is_main else distributed.NullLogger()
+                       resume=resume, keep_until_step=step if resume else None) if world.is_main else distributed.NullLogger()
     steps_per_epoch = len(loader)
     for epoch in range(start_epoch, cfg.optim.epochs):
         ctx.epoch = epoch

@@ -29,9 +29,10 @@ def test_shipped_recipes_cover_the_published_settings():
 
 
 def test_overrides_parse_yaml_scalars_and_fractions():
-    raw = apply_overrides({}, ["optim.lr=0.2", "method.beta=6", "data.subset=2000", "attack.eps=8/255",
+    raw = apply_overrides({}, ["optim.weight_decay=5e-4", "optim.lr=0.2", "method.beta=6", "data.subset=2000", "attack.eps=8/255",
                                "logging.tags=[a, b]", "ema.enabled=true", "model.name=tiny_cnn"])
     cfg = from_dict(raw)
+    assert cfg.optim.weight_decay == 5e-4  # PyYAML reads 5e-4 as a string; the config accepts it
     assert cfg.optim.lr == 0.2 and cfg.method.beta == 6.0 and isinstance(cfg.method.beta, float)
     assert cfg.data.subset == 2000 and cfg.attack.eps == pytest.approx(8 / 255)
     assert cfg.logging.tags == ["a", "b"] and cfg.ema.enabled is True
