@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, losses
+from . import distributed, honesty, losses
 from .attacks import PGD, make_objective
 from .checkpoint import (FORMAT, RunLock, atomic_torch_save, environment_info, load_checkpoint, rng_state,
                          seed_everything, set_rng_state, write_json)
@@ -296,17 +296,16 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 @torch.no_grad()
 def robust_accuracy_pgd(model, images, labels, cfg: Config, device, steps: int, batch_size: int = 500):
     """(clean, PGD-``steps`` CE) accuracy on uint8 images, for validation-based checkpoint selection."""
-    atk = PGD(eps=cfg.eval.eps or cfg.attack.eps, steps=steps, norm=cfg.attack.norm, random_start="uniform")
-    clean = robust = 0
+    from .evaluate import clean_accuracy
+
     was_training = model.training
     model.eval()
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float().div_(255)
-        y = labels[i:i + batch_size].to(device)
-        clean += (model(x).argmax(1) == y).sum().item()
-        robust += (model(atk(model, x, y)).argmax(1) == y).sum().item()
+    x = images.float().div_(255)
+    clean = clean_accuracy(model, x, labels, device, batch_size).float().mean().item()
+    robust = honesty.pgd_correct(model, x, labels, eps=cfg.eval.eps or cfg.attack.eps, norm=cfg.attack.norm,
+                                 steps=steps, device=device, batch_size=batch_size).float().mean().item()
     model.train(was_training)
-    return clean / len(images), robust / len(images)
+    return clean, robust
 
 
 def _checkpoint(path: Path, cfg, model, ema, opt, prior, epoch, step, loader, best_val, train_time, rngs=None):
