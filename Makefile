@@ -23,8 +23,9 @@ fmnist:
 test: setup fmnist
 	$(BIN)/python -m pytest -q
 
+# --resume: a second `make demo` continues (or re-reports) the same run instead of refusing the folder.
 demo: setup fmnist
-	$(BIN)/advgkl train experiments/recipes/fmnist_gkl_demo.yaml --out runs/fmnist_gkl_demo
+	$(BIN)/advgkl train experiments/recipes/fmnist_gkl_demo.yaml --out runs/fmnist_gkl_demo --resume
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --smoke || exit 1; done
