@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("pgd_at", "trades", "mart", "gkl_at_g1_t4", "gkl_at_g02_t1")
+METHODS = ("pgd_at", "trades", "mart", "gkl_at_g1_t4", "gkl_at_g02_t1", "gkl_at_g1_t4_const")
 
 
 def merge(base: dict, extra: dict) -> dict:
