@@ -4,10 +4,11 @@ The notebook is generated so that its source lives in one reviewable Python file
 commit both. tests/test_notebooks.py executes it and reads the `NOTEBOOK_RESULTS {...}` line it prints.
 """
 
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # nbgen beside this file, also when imported by path
+from nbgen import build_notebook, write_notebook  # noqa: E402
 
 CELLS = [
     ("md", r"""# The GKL loss: KL, DKL and the generalized form
@@ -262,17 +263,9 @@ show(fig)"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives an identical file
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
+def build():
+    return build_notebook(CELLS)
 
 
 if __name__ == "__main__":
-    path = Path(__file__).with_name("01_gkl_loss.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write_notebook(build(), "01_gkl_loss.ipynb")
