@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from advgkl import losses
+from advgkl.checkpoint import atomic_torch_save
 from advgkl.errors import UserError
 
 __all__ = [
@@ -384,17 +385,6 @@ def _fp32_frozen(model: nn.Module, allow_tf32: bool):
                 setattr(owner, attr, t.to(dtype))
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class AutoAttack:
     """AutoAttack evaluation on top of ``pyautoattack``, resumable and always in fp32.
 
@@ -504,7 +494,7 @@ class AutoAttack:
 
     def _save(self, state: dict) -> None:
         if self.state_path is not None:
-            _save_atomic(state, self.state_path)
+            atomic_torch_save(state, self.state_path)  # a kill mid-write leaves the previous state
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> AutoAttackResult:
         self._check_inputs(x, y)
