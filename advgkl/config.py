@@ -126,7 +126,7 @@ class RuntimeConfig:
     device: str = "auto"
     amp: str = "auto"  # auto = bf16 on CUDA, off on CPU
     compile: bool = False
-    channels_last: str = "auto"  # auto = on CUDA only
+    channels_last: str = "auto"  # auto = on for CUDA and CPU
     seed: int = 0
     deterministic: bool = False
     threads: int = 0  # torch CPU threads, 0 = torch default

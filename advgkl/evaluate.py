@@ -47,7 +47,10 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
     world = distributed.current()
     with world.main_first():  # a first-use download happens once
         x, y = load_test_points(cfg, e.n_examples)
-    model = model.float().eval()  # AutoAttack always runs in fp32
+    from .trainers import pick_memory_format
+
+    # AutoAttack always runs in fp32; channels_last weights make the convolutions take the fast path
+    model = model.float().eval().to(memory_format=pick_memory_format(cfg, torch.device(device)))
     t0 = time.perf_counter()
     result = {"n_examples": len(x), "eps": eps, "threat_model": cfg.attack.norm}
     if e.version == "none":
@@ -113,6 +116,19 @@ def gather_results(cfg: Config, evaluations: dict, *, train_time_s: float | None
     }
 
 
+def model_from_checkpoint(ckpt: dict, cfg: Config, path) -> tuple[torch.nn.Module, str]:
+    """The checkpoint's network (on CPU) with its EMA weights where it has them; returns (model, "ema"|"model")."""
+    from .trainers import build_model
+
+    model = build_model(cfg)
+    weights = "ema" if ckpt.get("ema") is not None else "model"
+    try:
+        model.load_state_dict(ckpt[weights])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit model {cfg.model.name} ({str(e).splitlines()[0]})") from None
+    return model, weights
+
+
 def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attacks=None, batch_size=None,
                         device="auto", wandb="offline", data_root=None) -> dict:
     """``advgkl eval``: rebuild the model from a checkpoint's own config and evaluate it.
@@ -125,7 +141,7 @@ def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attack
 
 
 def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size, device, wandb, data_root) -> dict:
-    from .trainers import build_model, resolve_device
+    from .trainers import resolve_device
 
     path = Path(path)
     ckpt = load_checkpoint(path)
@@ -138,14 +154,11 @@ def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size,
         raw["data"]["root"] = data_root
     raw["logging"]["wandb"] = wandb
     cfg = from_dict(raw)  # validates the overrides like a recipe
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     world = distributed.current()
     dev = world.device(resolve_device(device))
-    model = build_model(cfg)
-    weights = "ema" if ckpt.get("ema") is not None else "model"
-    try:
-        model.load_state_dict(ckpt[weights])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit model {cfg.model.name} ({str(e).splitlines()[0]})") from None
+    model, weights = model_from_checkpoint(ckpt, cfg, path)
     model.to(dev)
     out = Path(out) if out else path.parent.parent / f"eval_{path.stem}"
     if world.is_main:  # the other ranks never touch the output folder

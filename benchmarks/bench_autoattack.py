@@ -7,12 +7,16 @@
 The model is trained for --train-steps Adam steps on the training split (a robust-looking evaluation
 needs points that survive the first attack) unless --checkpoint gives a state_dict. Both runs use
 the same seed, chunk size and fp32 without TF32 (cuDNN deterministic), so their robust accuracies must
-be equal: the script exits non-zero otherwise (and reports whether every point agrees). Prints one line per case and a final ratio line (advgkl / pyautoattack).
+be equal: the script exits non-zero otherwise (and reports whether every point agrees). A third case runs
+advgkl's AutoAttack on the same weights in channels_last (what `advgkl eval` and training jobs use): its
+convolutions round differently, so a point on the edge may flip; the agreement with NCHW is printed.
+Prints one line per case and a final ratio line (advgkl / pyautoattack, and channels_last / NCHW).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -94,8 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     tag = (f"model={args.model} dataset={args.dataset} n={args.n} device={args.device} version={ours.label!r} "
            f"attacks={','.join(ours.attacks)} norm={args.norm} eps={args.eps:.4g} batch={args.batch_size}")
 
-    plain_s = ours_s = plain_cpu = ours_cpu = float("inf")
-    for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits both cases alike
+    # the same weights in channels_last, as `advgkl eval` and the training jobs run them (runtime.channels_last)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ours_cl = AutoAttack(cl_model, norm=args.norm, eps=args.eps, version=args.version, attacks=attacks,
+                         batch_size=args.batch_size, seed=0, device=device, progress=False)
+    plain_s = ours_s = plain_cpu = ours_cpu = cl_s = float("inf")
+    for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every case alike
         plain = ours.pyautoattack(info.num_classes)  # fresh: pyautoattack mutates its attack objects
         plain.verbose = False
         start, cpu = time.perf_counter(), time.process_time()  # CPU seconds: steadier on a shared box
@@ -104,16 +112,24 @@ def main(argv: list[str] | None = None) -> None:
         start, cpu = time.perf_counter(), time.process_time()
         res = ours(x, y)
         ours_s, ours_cpu = min(ours_s, time.perf_counter() - start), min(ours_cpu, time.process_time() - cpu)
+        start = time.perf_counter()
+        res_cl = ours_cl(x, y)
+        cl_s = min(cl_s, time.perf_counter() - start)
     plain_robust = (y_adv == y).cpu()
     print(f"case=pyautoattack {tag} robust_acc={plain_robust.float().mean():.4f} "
           f"wall_s={plain_s:.2f} cpu_s={plain_cpu:.2f} images/s={args.n / plain_s:,.1f}", flush=True)
     print(f"case=advgkl {tag} clean_acc={res.clean_acc:.4f} robust_acc={res.robust_acc:.4f} "
           f"wall_s={ours_s:.2f} cpu_s={ours_cpu:.2f} images/s={args.n / ours_s:,.1f} per_attack={res.per_attack_robust_acc}", flush=True)
 
+    agree = (res_cl.robust_correct == res.robust_correct).float().mean().item()
+    print(f"case=advgkl+channels_last {tag} robust_acc={res_cl.robust_acc:.4f} wall_s={cl_s:.2f} "
+          f"images/s={args.n / cl_s:,.1f} per-point agreement with NCHW={agree:.4f}", flush=True)
+
     same = torch.equal(res.robust_correct, plain_robust)
     plain_acc = plain_robust.sum().item() / args.n
     print(f"bench_autoattack: advgkl/pyautoattack throughput ratio = {plain_s / ours_s:.3f} "
-          f"(robust accuracy {res.robust_acc:.4f} vs {plain_acc:.4f}, per-point equal: {same})")
+          f"(robust accuracy {res.robust_acc:.4f} vs {plain_acc:.4f}, per-point equal: {same}); "
+          f"channels_last/NCHW ratio = {ours_s / cl_s:.3f}")
     if res.robust_acc != plain_acc:
         sys.exit("robust accuracy differs between advgkl's AutoAttack and plain pyautoattack")
 

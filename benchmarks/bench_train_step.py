@@ -16,7 +16,7 @@ Variants, same initial weights:
             pairwise GKL (`losses.gkl_pairwise`), torch.optim.SGD with its defaults.
   advgkl    the library's path: `trainers.METHODS` loss + `attacks.PGD` (clean logits once per attack),
             closed-form GKL, AMP and channels_last as `runtime.amp` / `runtime.channels_last` resolve
-            (auto: bf16 + channels_last on CUDA, fp32 NCHW on CPU), `--compile`, `trainers.make_optimizer`
+            (auto: bf16 + channels_last on CUDA, fp32 channels_last on CPU), `--compile`, `trainers.make_optimizer`
             (fused SGD on CUDA).
 Correctness: both variants' training loss on the same fixed (x, x_adv, y) with the initial weights must
 agree within the precision of the advgkl variant (bf16: 5e-2 relative, fp32: 1e-4); the script exits 1
@@ -46,7 +46,7 @@ from advgkl import losses
 from advgkl.attacks import PGD
 from advgkl.config import Config, from_dict
 from advgkl.models import create_model, model_info
-from advgkl.trainers import METHODS, Context, amp_dtype, make_optimizer
+from advgkl.trainers import METHODS, Context, amp_dtype, make_optimizer, pick_memory_format
 
 EPS = 8 / 255
 LR = 0.05  # small enough that a few steps on a random batch never blow up
@@ -140,8 +140,7 @@ class LibraryStep:
         self.cfg, self.prior = cfg, prior
         self.dtype = amp_dtype(cfg, device)
         rt = cfg.runtime
-        cl = rt.channels_last == "on" or (rt.channels_last == "auto" and device.type == "cuda")
-        self.memory_format = torch.channels_last if cl else torch.contiguous_format
+        self.memory_format = pick_memory_format(self.cfg, device)
         model = model.to(memory_format=self.memory_format)
         self.net = torch.compile(model) if rt.compile else model
         self.opt = make_optimizer(cfg, model, device)

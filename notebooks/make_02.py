@@ -35,7 +35,8 @@ repository root); `ADVGKL_WRITE_FIGURES=1` also writes `summary.png` (the method
     ADVGKL_WRITE_FIGURES=1 .venv/bin/jupyter execute notebooks/02_fmnist_study.ipynb
 
 The last cell prints the numbers `tests/test_notebooks.py` checks."""),
-    ("code", r"""import io
+    ("code", r"""import importlib.util
+import io
 import json
 import os
 from collections import defaultdict
@@ -87,11 +88,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+# one rule for "a run's results", shared with the driver's summary.csv: run_study.load_run
+_spec = importlib.util.spec_from_file_location("run_study", ROOT / "experiments" / "fmnist_study" / "run_study.py")
+run_study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_study)
+load_run = run_study.load_run
+
 print(f"study results: {STUDY_DIR}")"""),
     ("md", r"""## 1. The runs
 
 A run counts once its `results.json` exists (the driver writes it after the final evaluation). The headline
-numbers are those of the weights the run evaluated (`evaluated_weights`: `final`, or `ema` when EMA is on)."""),
+numbers are those of the weights the run evaluated (`evaluated_weights`: `final`, or `ema` when EMA is on).
+Where the driver later re-evaluated a run's final weights with standard AutoAttack on more test points
+(`aa<N>/results.json`, for runs first evaluated on fewer), the evaluation on the most points is used, as in
+`summary.csv`; `pgd20_full.json` is PGD-20 on all 10,000 test points."""),
     ("code", r"""runs, unfinished, unnamed = [], [], []
 for run_dir in sorted(p for p in (STUDY_DIR / "runs").glob("*") if p.is_dir()):
     method, sep, seed = run_dir.name.rpartition("_s")
@@ -101,7 +111,7 @@ for run_dir in sorted(p for p in (STUDY_DIR / "runs").glob("*") if p.is_dir()):
     if not (run_dir / "results.json").is_file():
         unfinished.append(run_dir.name)
         continue
-    res = json.loads((run_dir / "results.json").read_text())
+    res = load_run(run_dir)  # the AutoAttack evaluation on the most points, train time and PGD-20 on 10k
     which = res.get("evaluated_weights", "final")
     evaluation = res.get("evaluations", {}).get(which, {})
     by_epoch = {m["epoch"]: m for m in read_jsonl(run_dir / "metrics.jsonl") if "epoch" in m}  # last wins on resume
@@ -154,25 +164,32 @@ for m in METHODS:
     aa_mean, aa_std = pct_mean_std([r["res"]["autoattack_acc"] for r in rs])
     n_points = min(r["res"]["n_examples"] for r in rs)
     p = aa_mean / 100
+    full = [r["res"]["pgd20_full"] for r in rs if r["res"].get("pgd20_full")]
+    pgd_mean, pgd_std = pct_mean_std([f["pgd20_acc"] for f in full]) if len(full) == len(rs) else (None, None)
     summary[m] = {
         "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
         "clean_mean": clean_mean, "clean_std": clean_std, "aa_mean": aa_mean, "aa_std": aa_std,
         "aa_test_subset_95": 100 * 1.959964 * float(np.sqrt(p * (1 - p) / n_points)),
+        "pgd20_full_mean": pgd_mean, "pgd20_full_std": pgd_std,
+        "models": sorted({r["res"].get("model", "?") for r in rs}),
         "autoattack_versions": sorted({r["res"]["autoattack_version"] for r in rs}),
         "n_examples": sorted({r["res"]["n_examples"] for r in rs}),
         "epochs": sorted({r["res"].get("epochs") for r in rs if r["res"].get("epochs") is not None}),
         "train_hours": float(np.mean([(r["res"].get("wall_time_s") or {}).get("train") or 0 for r in rs])) / 3600,
     }
 
-head = ["method", "runs (seeds)", "clean %", "AutoAttack %", "± test subset (95%)", "AutoAttack version",
-        "test points", "epochs"]
+head = ["method", "runs (seeds)", "clean %", "AutoAttack %", "± test subset (95%)", "PGD-20 % (all 10k)",
+        "AutoAttack version", "test points", "epochs", "model"]
 rows = [[m, f"{s['n']} ({joined(s['seeds'])})", fmt(s["clean_mean"], s["clean_std"]), fmt(s["aa_mean"], s["aa_std"]),
-         f"± {s['aa_test_subset_95']:.1f}", joined(s["autoattack_versions"]), joined(s["n_examples"]),
-         joined(s["epochs"])] for m, s in summary.items()]
+         f"± {s['aa_test_subset_95']:.1f}",
+         fmt(s["pgd20_full_mean"], s["pgd20_full_std"]) if s["pgd20_full_mean"] is not None else "-",
+         joined(s["autoattack_versions"]), joined(s["n_examples"]), joined(s["epochs"]), joined(s["models"])]
+        for m, s in summary.items()]
 eps_values = sorted({r["res"].get("eps") for r in runs})
 source = STUDY_DIR.relative_to(ROOT) if STUDY_DIR.is_relative_to(ROOT) else STUDY_DIR
 footnote = (f"Fashion-MNIST, L∞ eps = {joined(eps_values)}; mean ± sample std over seeds (n=1: a single seed, "
-            f"no std); AutoAttack on the first n test points of each run. Written by "
+            f"no std); AutoAttack on the first n test points of each run; PGD-20 (CE, random start) on all "
+            f"10,000 test points, '-' where a run lacks it. Written by "
             f"notebooks/02_fmnist_study.ipynb from {source}/runs/*/results.json.")
 TABLE_MD = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n" + footnote + "\n"
@@ -287,8 +304,9 @@ RESULTS["pgd_acc_by_eps"] = curve"""),
 
 The evaluated points are the first `n_examples` Fashion-MNIST test images, so each run's per-point outcomes
 (`per_point.robust_correct`, AutoAttack's per-point verdict) are matched with the test labels. A class holds
-about a tenth of the points (about 50 of 500), so one point moves its accuracy by ~2 pp: read large differences
-between classes, not small differences between methods. The upper-body garments (T-shirt, Pullover, Coat,
+about a tenth of the points (about 100 of 1,000), so one point moves its accuracy by ~1 pp: read large
+differences between classes, not small differences between methods. Where every run has `pgd20_full.json`, a
+third panel shows PGD-20 on all 10,000 test points (1,000 per class), the less noisy per-class view. The upper-body garments (T-shirt, Pullover, Coat,
 Shirt) look alike and are where a Fashion-MNIST classifier makes most of its mistakes; GKL's class-prior
 weights are built from exactly these confusions."""),
     ("code", r"""info = dataset_info("fashion_mnist")
@@ -311,25 +329,32 @@ for r in runs:
         "robust": (np.bincount(y, weights=robust, minlength=len(CLASSES)) / np.maximum(counts, 1)).tolist(),
         "per_point_robust_acc": float(robust.mean()),
     }
+    if r["res"].get("pgd20_full"):  # PGD-20 on all 10,000 test points: 1,000 per class
+        classwise[r["name"]]["pgd20_full"] = r["res"]["pgd20_full"]["per_class_pgd20_acc"]
     if abs(robust.mean() - r["res"]["autoattack_acc"]) > 0.5 / len(robust):
         print(f"warning: {r['name']}: per-point robust accuracy {robust.mean():.4f} differs from the headline "
               f"{r['res']['autoattack_acc']:.4f}")
 
 class_methods = [m for m in METHODS if any(r["name"] in classwise for r in by_method[m])]
+KINDS = ["clean", "robust"]
+if class_methods and all("pgd20_full" in classwise[r["name"]] for m in class_methods for r in by_method[m]):
+    KINDS.append("pgd20_full")
+TITLES = {"clean": "clean accuracy % per class", "robust": "AutoAttack accuracy % per class (first n points)",
+          "pgd20_full": "PGD-20 accuracy % per class (all 10,000)"}
 by_class = {kind: np.array([np.mean([classwise[r["name"]][kind] for r in by_method[m] if r["name"] in classwise], 0)
-                            for m in class_methods]) for kind in ("clean", "robust")}
+                            for m in class_methods]) for kind in KINDS}
 
 
 def classwise_plot():
-    fig, axes = plt.subplots(1, 2, figsize=(15, 0.55 * len(class_methods) + 2.2), sharey=True)
-    for ax, kind in zip(axes, ("clean", "robust")):
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(7.5 * len(KINDS), 0.55 * len(class_methods) + 2.2), sharey=True)
+    for ax, kind in zip(axes, KINDS):
         data = 100 * by_class[kind]
         im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if data[i, j] < 60 else "black")
-        ax.set(title=f"{kind} accuracy % per class" + (" (AutoAttack)" if kind == "robust" else ""),
+        ax.set(title=TITLES[kind],
                xticks=range(len(CLASSES)), yticks=range(len(class_methods)))
         ax.set_xticklabels(CLASSES, rotation=45, ha="right")
     axes[0].set_yticklabels([f"{m} (n={len(by_method[m])})" for m in class_methods])
@@ -337,9 +362,11 @@ def classwise_plot():
     show(fig)
     counts = next(iter(classwise.values()))["counts"]
     print("test points per class: " + ", ".join(f"{c} {k}" for c, k in zip(CLASSES, counts)))
-    for m, row in zip(class_methods, by_class["robust"]):
+    kind = KINDS[-1]  # the most points available
+    for m, row in zip(class_methods, by_class[kind]):
         order = np.argsort(row)
-        print(f"{m:<24} weakest under AutoAttack: " + ", ".join(f"{CLASSES[i]} {100 * row[i]:.0f}%" for i in order[:3]))
+        print(f"{m:<24} weakest ({TITLES[kind].split(' %')[0]}): "
+              + ", ".join(f"{CLASSES[i]} {100 * row[i]:.0f}%" for i in order[:3]))
 
 
 classwise_plot() if class_methods else print("no Fashion-MNIST runs: no class-wise accuracy")
@@ -452,6 +479,63 @@ else:
     problems += [f"{name} in summary.csv has no results.json" for name in rows_csv if name not in names]
     RESULTS["summary_csv"] = "mismatch" if problems else "consistent"
     print("\n".join(problems) if problems else f"summary.csv agrees with the {len(runs)} results.json file(s)")"""),
+    ("md", r"""## 8. Robust distillation and the GKL ablations
+
+Two smaller studies live beside the main one, each in a subfolder with the same layout (`runs/<name>_s<seed>/`):
+`kd/` distils the robust small_cnn teacher into the mini_cnn student (KL vs GKL, natural vs adversarial inputs,
+and the student trained with PGD-AT alone as the reference), evaluated with standard AutoAttack; `ablations/`
+changes one thing at a time in GKL-AT and is evaluated with the labelled fast screening attack (APGD-CE +
+APGD-T) on fewer points, so its AutoAttack column is not comparable with the main table's; PGD-20 on all 10,000
+test points is the comparable column there. With `ADVGKL_WRITE_FIGURES=1` each table is also written to
+`<subfolder>/summary.md`."""),
+    ("code", r"""def substudy(folder: Path) -> list[dict]:
+    found = []
+    for run_dir in sorted(p for p in (folder / "runs").glob("*_s*") if p.is_dir()):
+        res = load_run(run_dir)
+        if res is None:
+            continue
+        name, _, seed = run_dir.name.rpartition("_s")
+        m = res.get("config", {}).get("method", {})
+        found.append({"name": name, "seed": int(seed), "res": res, "method": m})
+    return found
+
+
+def substudy_table(rows: list[dict]) -> str:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["name"]].append(row)
+    head = ["run", "method", "seeds", "clean %", "AutoAttack %", "AA version (points)", "PGD-20 % (all 10k)", "model"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(groups, key=lambda n: -np.mean([r["res"]["autoattack_acc"] for r in groups[n]]))
+    for n in order:
+        rs = groups[n]
+        full = [r["res"]["pgd20_full"]["pgd20_acc"] for r in rs if r["res"].get("pgd20_full")]
+        m = rs[0]["method"]
+        what = m.get("name", "?") + (f" ({m.get('kd_loss')}, {'adversarial' if m.get('kd_adversarial') else 'natural'}"
+                                     " inputs)" if m.get("name") == "gkl_kd" else "")
+        lines.append("| " + " | ".join([
+            n, what, joined(r["seed"] for r in rs), fmt(*pct_mean_std([r["res"]["clean_acc"] for r in rs])),
+            fmt(*pct_mean_std([r["res"]["autoattack_acc"] for r in rs])),
+            f"{joined(r['res']['autoattack_version'] for r in rs)} ({joined(r['res']['n_examples'] for r in rs)})",
+            fmt(*pct_mean_std(full)) if len(full) == len(rs) else "-",
+            joined(r["res"].get("model", "?") for r in rs)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RESULTS["substudies"] = {}
+for sub in ("kd", "ablations"):
+    rows = substudy(STUDY_DIR / sub)
+    if not rows:
+        print(f"{sub}/: no finished runs")
+        continue
+    table = substudy_table(rows)
+    print(f"### {sub}/\n\n{table}")
+    teachers = sorted({r["method"].get("teacher") for r in rows if r["method"].get("teacher")})
+    if teachers:
+        print("teacher checkpoint(s): " + ", ".join(teachers) + "\n")
+    RESULTS["substudies"][sub] = {r["name"] + f"_s{r['seed']}": r["res"]["autoattack_acc"] for r in rows}
+    if WRITE_FIGURES:
+        (STUDY_DIR / sub / "summary.md").write_text(table)"""),
     ("code", r"""print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))"""),
 ]
 

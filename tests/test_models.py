@@ -18,6 +18,8 @@ PARAMS = {
     ("tiny_cnn", (1, 28, 28)): 3_818,
     ("tiny_cnn", (3, 32, 32)): 3_962,
     ("small_cnn", (1, 28, 28)): 406_832,
+    ("mini_cnn", (1, 28, 28)): 75_056,
+    ("mini_cnn", (3, 32, 32)): 75_344,
     ("preact_resnet18", (3, 32, 32)): 11_172_170,  # 11.17 M (with the final BN before the classifier)
     ("wrn_28_10", (3, 32, 32)): 36_479_194,
     ("wrn_28_10_swish", (3, 32, 32)): 36_479_194,
@@ -32,7 +34,7 @@ SHRUNK = {"depth": 10, "width": 1}  # WideResNets are exercised on CPU at this s
 def test_registry_has_the_documented_models():
     names = list_models()
     assert names == sorted(names)
-    assert {"tiny_cnn", "small_cnn", "preact_resnet18", "wrn_34_10", "wrn_28_10", "wrn_28_10_swish",
+    assert {"tiny_cnn", "small_cnn", "mini_cnn", "preact_resnet18", "wrn_34_10", "wrn_28_10", "wrn_28_10_swish",
             "wrn_70_16", "wrn_70_16_swish"} <= set(names)
 
 

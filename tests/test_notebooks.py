@@ -114,13 +114,21 @@ def check_01_gkl_loss(r: dict, seconds: float) -> None:
     assert all(v["closed_ms"] > 0 and v["pairwise_ms"] > 0 for v in r["timing"].values())
 
 
+def _driver():
+    spec = importlib.util.spec_from_file_location("_run_study", STUDY_DIR.parent / "run_study.py")
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+    return run_study
+
+
 def _study_runs(study_dir: Path) -> dict[str, dict[str, dict]]:
-    """{method: {run folder: results.json}} by the study driver's convention runs/<method>_s<seed>/."""
+    """{method: {run folder: results}} by the study driver's convention runs/<method>_s<seed>/; the results
+    are the driver's `load_run` (the AutoAttack evaluation on the most points)."""
     out: dict[str, dict[str, dict]] = {}
     for path in sorted(study_dir.glob("runs/*_s*/results.json")):
         method, seed = path.parent.name.rsplit("_s", 1)
         if seed.isdigit():
-            out.setdefault(method, {})[path.parent.name] = json.loads(path.read_text())
+            out.setdefault(method, {})[path.parent.name] = _driver().load_run(path.parent)
     return out
 
 
@@ -157,6 +165,12 @@ def _check_study(r: dict, study_dir: Path) -> None:
             assert s["clean_std"] == pytest.approx(np.std(clean, ddof=1), abs=1e-9)
             assert s["aa_std"] == pytest.approx(np.std(aa, ddof=1), abs=1e-9)
         assert s["n_examples"] == sorted({x["n_examples"] for x in runs.values()})
+        full = [100 * x["pgd20_full"]["pgd20_acc"] for x in runs.values() if x["pgd20_full"]]
+        if len(full) == len(runs) and len(runs) > 1:
+            assert s["pgd20_full_mean"] == pytest.approx(np.mean(full)) and s["pgd20_full_std"] == pytest.approx(
+                np.std(full, ddof=1))
+        elif len(full) < len(runs):
+            assert s["pgd20_full_mean"] is None
         assert s["autoattack_versions"] == sorted({x["autoattack_version"] for x in runs.values()})
         for name, res in runs.items():
             # class-wise accuracy: the evaluated points are the first n_examples test images
@@ -305,11 +319,19 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
             _write_study_run(tmp_path / "runs" / f"{method}_s{seed}", method, seed, clean.tolist(), robust.tolist(),
                              flagged=method == "alpha", metrics=seed != 2)
     (tmp_path / "runs" / "zeta_at_s3").mkdir()  # still training: config.yaml only
+    for seed in (0, 1, 2):  # PGD-20 on the full test set for every zeta_at run, none for alpha
+        per_class = (0.3 + 0.05 * rng.random(10)).tolist()
+        (tmp_path / "runs" / f"zeta_at_s{seed}" / "pgd20_full.json").write_text(json.dumps(
+            {"n_examples": 10000, "clean_acc": 0.8, "pgd20_acc": float(np.mean(per_class)),
+             "per_class_pgd20_acc": per_class}))
+    clean = (rng.random(600) < 0.85).astype(int)  # zeta_at_s1 re-evaluated on more points: that one counts
+    _write_study_run(tmp_path / "runs" / "zeta_at_s1" / "aa600", "zeta_at", 1, clean.tolist(),
+                     (clean * (rng.random(600) < 0.5)).tolist(), metrics=False)
+    clean = (rng.random(100) < 0.7).astype(int)  # a distillation sub-study beside the main one
+    _write_study_run(tmp_path / "kd" / "runs" / "kd_x_s0", "gkl_kd", 0, clean.tolist(),
+                     (clean * (rng.random(100) < 0.5)).tolist(), metrics=False)
     (tmp_path / "runs" / "zeta_at_s3" / "config.yaml").write_text("name: zeta_at_s3\n")
-    spec = importlib.util.spec_from_file_location("_run_study", STUDY_DIR.parent / "run_study.py")
-    run_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_study)
-    run_study.summarise(tmp_path)
+    _driver().summarise(tmp_path)
 
     monkeypatch.setenv("ADVGKL_STUDY_DIR", str(tmp_path))
     monkeypatch.setenv("ADVGKL_WRITE_FIGURES", "1")
@@ -318,6 +340,11 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
     r = _results(nb)
     _check_study(r, tmp_path)
     assert r["methods"]["zeta_at"]["n"] == 3 and r["methods"]["alpha"]["aa_std"] is None
+    assert r["methods"]["zeta_at"]["n_examples"] == [300, 600]  # the top-up of zeta_at_s1 is used
+    assert r["methods"]["zeta_at"]["pgd20_full_std"] is not None and r["methods"]["alpha"]["pgd20_full_mean"] is None
+    kd = json.loads((tmp_path / "kd" / "runs" / "kd_x_s0" / "results.json").read_text())
+    assert r["substudies"] == {"kd": {"kd_x_s0": kd["autoattack_acc"]}}
+    assert f"| kd_x | ? | 0 | {100 * kd['clean_acc']:.2f} (n=1, no std) |" in (tmp_path / "kd" / "summary.md").read_text()
     assert r["unfinished"] == ["zeta_at_s3"] and r["masking_flagged"] == ["alpha_s0"]
     assert r["epochs_logged"] == {"alpha_s0": 3, "zeta_at_s0": 3, "zeta_at_s1": 3, "zeta_at_s2": 0}
     assert r["summary_csv"] == "consistent"

@@ -206,3 +206,28 @@ def test_existing_run_folder_needs_resume_and_lock_blocks_a_second_job(fmnist_ro
     with RunLock(tmp_path):
         with pytest.raises(UserError, match="in use by another advgkl job"):
             trainers.train(small_cfg(fmnist_root, "eval.version=none"), tmp_path)
+
+
+def test_channels_last_is_the_cpu_and_cuda_default_and_computes_the_same_function(fmnist_test_small):
+    from advgkl.models import create_model
+
+    cfg = small_cfg("/nonexistent")
+    for setting, device, expected in (("auto", "cpu", torch.channels_last), ("auto", "cuda", torch.channels_last),
+                                      ("auto", "mps", torch.contiguous_format),
+                                      ("off", "cpu", torch.contiguous_format), ("on", "mps", torch.channels_last)):
+        cfg.runtime.channels_last = setting
+        assert trainers.pick_memory_format(cfg, torch.device(device)) == expected, (setting, device)
+    x = fmnist_test_small[0][:64]
+    torch.manual_seed(0)
+    nchw = create_model("small_cnn", in_channels=1).eval()
+    cl = create_model("small_cnn", in_channels=1).eval()
+    cl.load_state_dict(nchw.state_dict())
+    cl.to(memory_format=torch.channels_last)
+    assert cl.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    grads = []
+    for model in (nchw, cl):
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        grads.append((out, torch.autograd.grad(out.logsumexp(1).sum(), xx)[0]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
