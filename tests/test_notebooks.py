@@ -6,6 +6,7 @@ committed with outputs cleared, and generated ones must match their generator sc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -114,6 +115,7 @@ def check_01_gkl_loss(r: dict, seconds: float) -> None:
     assert all(v["closed_ms"] > 0 and v["pairwise_ms"] > 0 for v in r["timing"].values())
 
 
+@functools.lru_cache(maxsize=None)
 def _driver():
     spec = importlib.util.spec_from_file_location("_run_study", STUDY_DIR.parent / "run_study.py")
     run_study = importlib.util.module_from_spec(spec)
