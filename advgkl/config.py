@@ -53,7 +53,7 @@ class MethodConfig:
     kd_loss: str = "gkl"  # gkl | kl (ARD-style)
     kd_temperature: float = 1.0  # T2 of the per-sample teacher weights
     kd_adversarial: bool = False  # distil on adversarial inputs (robust distillation)
-    kd_warmup_epochs: int = 0
+    kd_warmup_epochs: float = 0.0  # the KD term's weight ramps linearly from 0 to 1 over these epochs
     ce_weight: float = 1.0
 
 
@@ -82,6 +82,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     milestones: typing.List[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
     step_gamma: float = 0.1
+    grad_clip: float = 0.0  # clip the global gradient norm to this before each step (0: off)
 
 
 @dataclass
@@ -176,8 +177,8 @@ NON_NEGATIVE = {
     "data.subset", "data.val_size", "data.generated_ratio", "method.beta", "method.alpha",
     "method.gamma", "method.label_smoothing", "method.kd_warmup_epochs", "method.ce_weight",
     "attack.eps", "attack.steps", "attack.step_size", "attack.objective_beta", "optim.lr",
-    "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "awp.gamma", "awp.warmup_epochs",
-    "ema.start_epoch", "eval.n_examples", "eval.eps", "runtime.seed", "runtime.threads",
+    "optim.momentum", "optim.weight_decay", "optim.grad_clip", "optim.warmup_epochs", "awp.gamma",
+    "awp.warmup_epochs", "ema.start_epoch", "eval.n_examples", "eval.eps", "runtime.seed", "runtime.threads",
     "runtime.checkpoint_every_steps",
 }
 POSITIVE = {

@@ -34,6 +34,7 @@ class Context:
 
     cfg: Config
     epoch: int = 0
+    progress: float = 0.0  # epochs done, fractional (step / steps per epoch)
     prior: losses.ClassPrior | None = None
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None  # this batch's frozen-teacher logits (gkl_kd)
@@ -81,7 +82,10 @@ def gkl_kd_loss(model, x, x_adv, y, ctx):
     teacher = ctx.teacher_logits
     nat = model(x)
     student = model(x_adv) if x_adv is not None else nat
-    ramp = min((ctx.epoch + 1) / m.kd_warmup_epochs, 1.0) if m.kd_warmup_epochs else 1.0
+    # The spec's min(epoch / warmup, 1), made continuous: the KD term starts at 0 and reaches full weight
+    # after kd_warmup_epochs. A student trained from scratch needs it: the wMSE term pulls its raw logits
+    # towards the teacher's, and at full weight from step 0 it can kill every ReLU (study: 10% accuracy).
+    ramp = min(ctx.progress / m.kd_warmup_epochs, 1.0) if m.kd_warmup_epochs else 1.0
     if m.kd_loss == "kl":
         kd = losses.kl(student.float(), teacher)
     else:
@@ -487,6 +491,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                if world.is_main else loader)
         for x, y in bar:
             lr = lr_at(step, steps_per_epoch, cfg)
+            ctx.progress = step / steps_per_epoch
             for group in opt.param_groups:
                 group["lr"] = lr
             x = x.contiguous(memory_format=memory_format)
@@ -505,6 +510,8 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                                 f"(lr {lr:.4g}); the last good checkpoint is {last_path}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.optim.grad_clip:  # after DDP's all-reduce, so every rank clips the same gradient
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
             if awp_on:
                 awp.restore(model)

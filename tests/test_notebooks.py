@@ -320,6 +320,10 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
             robust = clean * (rng.random(300) < p_robust)
             _write_study_run(tmp_path / "runs" / f"{method}_s{seed}", method, seed, clean.tolist(), robust.tolist(),
                              flagged=method == "alpha", metrics=seed != 2)
+    for seed, p_clean in ((0, 0.8), (1, 0.1)):  # omega's seed 1 collapsed to chance accuracy
+        clean = (rng.random(300) < p_clean).astype(int)
+        _write_study_run(tmp_path / "runs" / f"omega_s{seed}", "omega", seed, clean.tolist(),
+                         (clean * (rng.random(300) < 0.5)).tolist(), metrics=False)
     (tmp_path / "runs" / "zeta_at_s3").mkdir()  # still training: config.yaml only
     for seed in (0, 1, 2):  # PGD-20 on the full test set for every zeta_at run, none for alpha
         per_class = (0.3 + 0.05 * rng.random(10)).tolist()
@@ -348,14 +352,16 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
     assert r["substudies"] == {"kd": {"kd_x_s0": kd["autoattack_acc"]}}
     assert f"| kd_x | ? | 0 | {100 * kd['clean_acc']:.2f} (n=1, no std) |" in (tmp_path / "kd" / "summary.md").read_text()
     assert r["unfinished"] == ["zeta_at_s3"] and r["masking_flagged"] == ["alpha_s0"]
-    assert r["epochs_logged"] == {"alpha_s0": 3, "zeta_at_s0": 3, "zeta_at_s1": 3, "zeta_at_s2": 0}
+    assert r["epochs_logged"] == {"alpha_s0": 3, "omega_s0": 0, "omega_s1": 0, "zeta_at_s0": 3, "zeta_at_s1": 3,
+                                  "zeta_at_s2": 0}
     assert r["summary_csv"] == "consistent"
     assert r["figure_written"] == str(tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "summary.md").read_text()
     assert r["table_written"] == str(tmp_path / "summary.md")
     zeta, alpha = r["methods"]["zeta_at"], r["methods"]["alpha"]
-    assert f"| zeta_at | 3 (0, 1, 2) | {zeta['clean_mean']:.2f} ± {zeta['clean_std']:.2f} |" in table
+    assert f"| zeta_at | 3 (0, 1, 2) | - | {zeta['clean_mean']:.2f} ± {zeta['clean_std']:.2f} |" in table
+    assert "| omega | 2 (0, 1) | seed 1 | " in table and r["methods"]["omega"]["collapsed"] == [1]
     assert f"| {alpha['aa_mean']:.2f} (n=1, no std) |" in table
     assert table.index("| zeta_at |") < table.index("| alpha |")  # ordered by AutoAttack accuracy
 

@@ -231,3 +231,37 @@ def test_channels_last_is_the_cpu_and_cuda_default_and_computes_the_same_functio
         grads.append((out, torch.autograd.grad(out.logsumexp(1).sum(), xx)[0]))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_kd_term_ramps_in_linearly_over_the_warmup(fmnist_test_small, teacher_ckpt):
+    x, y = fmnist_test_small[0][:32], fmnist_test_small[1][:32]
+    cfg = from_dict({"model": {"name": "tiny_cnn"}, "data": {"dataset": "fashion_mnist"},
+                     "method": {"name": "gkl_kd", "teacher": str(teacher_ckpt), "weights": "sample",
+                                "beta": 2.0, "kd_warmup_epochs": 2}})
+    teacher = trainers.load_teacher(str(teacher_ckpt), cfg, torch.device("cpu"))
+    student = trainers.build_model(cfg)
+    ctx = trainers.Context(cfg=cfg, teacher_logits=teacher(x).float())
+    losses_at = {}
+    for progress in (0.0, 0.5, 1.0, 2.0, 3.5):
+        ctx.progress = progress
+        losses_at[progress] = trainers.gkl_kd_loss(student, x, None, y, ctx)[0].item()
+    ce = torch.nn.functional.cross_entropy(student(x), y).item()
+    kd = losses_at[2.0] - ce
+    assert losses_at[0.0] == pytest.approx(ce, rel=1e-6) and kd > 0.1
+    assert losses_at[0.5] == pytest.approx(ce + 0.25 * kd, rel=1e-5)
+    assert losses_at[1.0] == pytest.approx(ce + 0.5 * kd, rel=1e-5)
+    assert losses_at[3.5] == pytest.approx(losses_at[2.0], rel=1e-6)
+
+
+def test_grad_clip_lets_a_gkl_kd_student_learn_from_scratch(fmnist_root, teacher_ckpt, tmp_path):
+    """GKL-KD against a frozen teacher regresses the student's logits onto the teacher's (the wMSE term), whose
+    curvature grows with beta. The study's first GKL-KD runs (mini_cnn, beta 5, SGD lr 0.05, no BatchNorm)
+    ended at chance; here the same recipe without clipping reaches an infinite loss within the first epoch
+    (measured: step 16). Clipping the gradient norm at 5 keeps it stable."""
+    cfg = small_cfg(fmnist_root, "method.name=gkl_kd", f"method.teacher={teacher_ckpt}", "model.name=mini_cnn",
+                    "method.beta=5.0", "optim.grad_clip=5", "optim.name=sgd", "optim.lr=0.05",
+                    "optim.weight_decay=5e-4", "optim.epochs=3", "data.subset=2048", "data.batch_size=64",
+                    "eval.version=none", "data.val_size=256")
+    trainers.train(cfg, tmp_path)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_clean_acc"] for m in metrics if "val_clean_acc" in m][-1] > 0.5  # measured 0.61; chance 0.1
