@@ -33,7 +33,6 @@ class Context:
     """What a method's loss needs besides the batch."""
 
     cfg: Config
-    epoch: int = 0
     progress: float = 0.0  # epochs done, fractional (step / steps per epoch)
     prior: losses.ClassPrior | None = None
     teacher: nn.Module | None = None
@@ -83,8 +82,8 @@ def gkl_kd_loss(model, x, x_adv, y, ctx):
     nat = model(x)
     student = model(x_adv) if x_adv is not None else nat
     # The spec's min(epoch / warmup, 1), made continuous: the KD term starts at 0 and reaches full weight
-    # after kd_warmup_epochs. A student trained from scratch needs it: the wMSE term pulls its raw logits
-    # towards the teacher's, and at full weight from step 0 it can kill every ReLU (study: 10% accuracy).
+    # after kd_warmup_epochs. With a frozen teacher the wMSE term regresses the student's raw logits onto
+    # the teacher's; for a from-scratch student the study needed this ramp and, at beta 5, optim.grad_clip.
     ramp = min(ctx.progress / m.kd_warmup_epochs, 1.0) if m.kd_warmup_epochs else 1.0
     if m.kd_loss == "kl":
         kd = losses.kl(student.float(), teacher)
@@ -476,7 +475,6 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                        resume=resume, keep_until_step=step if resume else None) if world.is_main else distributed.NullLogger()
     steps_per_epoch = len(loader)
     for epoch in range(start_epoch, cfg.optim.epochs):
-        ctx.epoch = epoch
         eps = eps_at(epoch, cfg)
         # A configured step size scales with the eps ramp; GKL-AT's default is eps_t / 2.
         step_size = (cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.step_size
