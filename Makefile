@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup fmnist test demo bench clean
+.PHONY: setup fmnist test demo bench gpu-prep gpu-check clean
 
 $(BIN)/advgkl: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,9 @@ fmnist:
 	  $(SUDO) apt-get install -y -q dataset-fashion-mnist || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist); fi
 
+# Ends with the line coverage of advgkl/ (all processes the tests start, combined).
 test: setup fmnist
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov=advgkl --cov-report=term
 
 # --resume: a second `make demo` continues (or re-reports) the same run instead of refusing the folder.
 demo: setup fmnist
@@ -29,6 +30,18 @@ demo: setup fmnist
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --smoke || exit 1; done
+
+# The GPU check (docs/gpu.md). gpu-prep, on a machine with network: the wheels and data the GPU machine
+# lacks, into .gpu/; it prints the size that must travel. gpu-check: on the GPU machine (plain python3
+# there; the venv here), results into GPU_OUT; SMOKE=1 runs the same script at toy sizes on the CPU.
+GPU_OUT ?= benchmarks/results/gpu_check
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-prep: setup fmnist
+	$(BIN)/python benchmarks/gpu_prep.py --dir .gpu
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --prep .gpu --out $(GPU_OUT) $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -169,7 +169,8 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "step", "onecycle"),
     "eval.version": ("standard", "plus", "custom", "fast", "none"),
     "logging.wandb": ("offline", "online", "disabled"),
-    "runtime.amp": ("auto", "none", "bf16", "fp16"),
+    # no fp16: it needs loss scaling (loss, AWP's proxy, the attack's input gradients); bf16 does not
+    "runtime.amp": ("auto", "none", "bf16"),
     "runtime.channels_last": ("auto", "on", "off"),
     "runtime.resume": ("never", "auto"),
 }
@@ -217,6 +218,8 @@ def _coerce(key: str, value, typ):
     elif typ is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(key, ())):  # YAML 1.1 reads on/off as bools
+            return "on" if value else "off"
     raise UserError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
 
 

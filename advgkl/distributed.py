@@ -78,13 +78,14 @@ class World:
                             "own (cuda:LOCAL_RANK); use runtime.device=cuda or auto")
         return torch.device("cuda", self.local_rank)
 
-    def convert_sync_bn(self, model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
-        """``runtime.sync_bn``: BatchNorm statistics over the global batch (a no-op in one process)."""
+    def convert_sync_bn(self, model: nn.Module, enabled: bool) -> nn.Module:
+        """``runtime.sync_bn``: BatchNorm statistics over the global batch (a no-op in one process).
+
+        The converted model keeps the state_dict keys of the plain one, so its checkpoints load into
+        either. Training forwards need CUDA (torch has no CPU kernel); the trainer checks that.
+        """
         if not enabled or not self.distributed:
             return model
-        if device.type != "cuda":
-            raise UserError("runtime.sync_bn needs CUDA: torch's SyncBatchNorm has no CPU implementation; "
-                            "set runtime.sync_bn=false")
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:

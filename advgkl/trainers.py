@@ -234,7 +234,7 @@ def amp_dtype(cfg: Config, device: torch.device):
     amp = cfg.runtime.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return {"none": None, "bf16": torch.bfloat16}[amp]
 
 
 def data_root(cfg: Config) -> str:
@@ -266,8 +266,8 @@ def load_teacher(spec: str, cfg: Config, device: torch.device) -> nn.Module:
 
 def make_optimizer(cfg: Config, model: nn.Module, device: torch.device):
     o = cfg.optim
-    # Fused kernels only exist on CUDA; on CPU torch picks the foreach path.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # One fused kernel per step for all parameters; torch has them for CUDA and, since 2.4, for CPU.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     if o.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **fused)
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -395,6 +395,9 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     state = world.broadcast(state)
 
     device = world.device(resolve_device(cfg.runtime.device))
+    if cfg.runtime.sync_bn and world.distributed and device.type != "cuda":
+        raise UserError("runtime.sync_bn needs CUDA: torch's SyncBatchNorm has no CPU kernel for training; "
+                        "set runtime.sync_bn=false")
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     if cfg.runtime.deterministic:
@@ -421,7 +424,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({len(train_x)})")
 
     model = build_model(cfg).to(device, memory_format=memory_format)
-    model = world.convert_sync_bn(model, cfg.runtime.sync_bn, device)
+    model = world.convert_sync_bn(model, cfg.runtime.sync_bn)
     opt = make_optimizer(cfg, model, device)
     ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
     awp = AWP(model, cfg.awp.gamma) if cfg.awp.enabled else None
@@ -441,6 +444,9 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                      random_start=None if start == "none" else start, objective=objective_factory(ctx),
                      amp_dtype=dtype)
     compiled = torch.compile(model) if cfg.runtime.compile else model
+    # Validation (clean + PGD) runs on the weights it reports, compiled like the training step.
+    val_net = ema.model if ema else model
+    val_net = compiled if val_net is model else torch.compile(val_net) if cfg.runtime.compile else val_net
     # DDP wraps the training-loss forwards only: attacks, AWP's proxy and evaluation run the bare module
     train_net = compiled
     if world.distributed:
@@ -483,6 +489,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
         if loader.state_dict()["epoch"] != epoch:  # a mid-epoch resume keeps its batch position
             loader.set_epoch(epoch)
         model.train()
+        graphs_before = compiled_graphs()
         sums = torch.zeros(4, device=device)  # loss, nat correct, adv correct, samples
         t0 = time.perf_counter()
         bar = (_progress(loader, cfg, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}")
@@ -542,13 +549,15 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
                   "images_per_s": n / epoch_time, "epoch_time_s": epoch_time}
         if world.is_main and val is not None and ((epoch + 1) % cfg.eval.val_every == 0
                                                   or epoch + 1 == cfg.optim.epochs):  # rank 0 only: cheap
-            net = ema.model if ema else model
-            v_clean, v_rob = robust_accuracy_pgd(net, val[0], val[1], cfg, device, cfg.eval.val_pgd_steps)
+            v_clean, v_rob = robust_accuracy_pgd(val_net, val[0], val[1], cfg, device, cfg.eval.val_pgd_steps)
             record.update(val_clean_acc=v_clean, val_pgd_acc=v_rob)
             if v_rob > best_val:
                 best_val = v_rob
+                net = ema.model if ema else model
                 atomic_torch_save({"format": FORMAT, "config": cfg.to_dict(), "model": net.state_dict(),
                                    "ema": None, "epoch": epoch + 1, "val_pgd_acc": v_rob}, ckpt_dir / "best.pt")
+        if cfg.runtime.compile:  # graphs torch.compile built this epoch: 0 after the first means no recompiles
+            record["compiled_graphs"] = compiled_graphs() - graphs_before
         logger.log({k: v for k, v in record.items() if v is not None}, step=step)
         if world.is_main:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -583,6 +592,13 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     results["wandb_dir"] = logger.wandb_dir
     logger.finish()
     return results
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far (each recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _forward_loss(loss_fn, net, x, x_adv, y, ctx, autocast):

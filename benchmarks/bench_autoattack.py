@@ -88,26 +88,38 @@ def main(argv: list[str] | None = None) -> None:
     x, y = (images[: args.n].float() / 255).to(device), labels[: args.n].to(device)
 
     attacks = args.attacks.split(",") if args.version == "custom" else None
-    ours = AutoAttack(model, norm=args.norm, eps=args.eps, version=args.version, attacks=attacks,
-                      batch_size=args.batch_size, seed=0, device=device, progress=False)
+    tag = (f"model={args.model} dataset={args.dataset} n={args.n} device={args.device} version={args.version!r} "
+           f"norm={args.norm} eps={args.eps:.4g} batch={args.batch_size}")
+    out = compare(model, x, y, info.num_classes, norm=args.norm, eps=args.eps, version=args.version,
+                  attacks=attacks, batch_size=args.batch_size, device=device, repeat=args.repeat, tag=tag)
+    if not out["same_robust_acc"]:
+        sys.exit("robust accuracy differs between advgkl's AutoAttack and plain pyautoattack")
+
+
+def compare(model, x, y, num_classes: int, *, norm: str, eps: float, version: str, attacks, batch_size: int,
+            device: torch.device, repeat: int = 1, tag: str = "", print_fn=print) -> dict:
+    """Plain pyautoattack, advgkl's AutoAttack (NCHW) and advgkl's AutoAttack in channels_last on the same
+    points and weights; prints one line per case and the ratio line, returns the numbers."""
+    ours = AutoAttack(model, norm=norm, eps=eps, version=version, attacks=attacks,
+                      batch_size=batch_size, seed=0, device=device, progress=False)
     # plain pyautoattack under the same numerics as ours: fp32 convolutions and matmuls, no TF32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True  # run-to-run identical conv gradients, so the two runs can agree
     with torch.no_grad():
-        model(x[: args.batch_size])  # warm-up: first-call allocations and kernel selection are not throughput
-    tag = (f"model={args.model} dataset={args.dataset} n={args.n} device={args.device} version={ours.label!r} "
-           f"attacks={','.join(ours.attacks)} norm={args.norm} eps={args.eps:.4g} batch={args.batch_size}")
+        model(x[:batch_size])  # warm-up: first-call allocations and kernel selection are not throughput
+    tag = f"{tag} attacks={','.join(ours.attacks)}"
+    n = len(x)
 
     # the same weights in channels_last, as `advgkl eval` and the training jobs run them (runtime.channels_last)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    ours_cl = AutoAttack(cl_model, norm=args.norm, eps=args.eps, version=args.version, attacks=attacks,
-                         batch_size=args.batch_size, seed=0, device=device, progress=False)
+    ours_cl = AutoAttack(cl_model, norm=norm, eps=eps, version=version, attacks=attacks,
+                         batch_size=batch_size, seed=0, device=device, progress=False)
     plain_s = ours_s = plain_cpu = ours_cpu = cl_s = float("inf")
-    for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every case alike
-        plain = ours.pyautoattack(info.num_classes)  # fresh: pyautoattack mutates its attack objects
+    for _ in range(repeat):  # interleaved, so a burst of load elsewhere hits every case alike
+        plain = ours.pyautoattack(num_classes)  # fresh: pyautoattack mutates its attack objects
         plain.verbose = False
         start, cpu = time.perf_counter(), time.process_time()  # CPU seconds: steadier on a shared box
-        _, y_adv = plain.run_standard_evaluation(x, y, batch_size=args.batch_size)
+        _, y_adv = plain.run_standard_evaluation(x, y, batch_size=batch_size)
         plain_s, plain_cpu = min(plain_s, time.perf_counter() - start), min(plain_cpu, time.process_time() - cpu)
         start, cpu = time.perf_counter(), time.process_time()
         res = ours(x, y)
@@ -116,22 +128,23 @@ def main(argv: list[str] | None = None) -> None:
         res_cl = ours_cl(x, y)
         cl_s = min(cl_s, time.perf_counter() - start)
     plain_robust = (y_adv == y).cpu()
-    print(f"case=pyautoattack {tag} robust_acc={plain_robust.float().mean():.4f} "
-          f"wall_s={plain_s:.2f} cpu_s={plain_cpu:.2f} images/s={args.n / plain_s:,.1f}", flush=True)
-    print(f"case=advgkl {tag} clean_acc={res.clean_acc:.4f} robust_acc={res.robust_acc:.4f} "
-          f"wall_s={ours_s:.2f} cpu_s={ours_cpu:.2f} images/s={args.n / ours_s:,.1f} per_attack={res.per_attack_robust_acc}", flush=True)
-
+    print_fn(f"case=pyautoattack {tag} robust_acc={plain_robust.float().mean():.4f} "
+             f"wall_s={plain_s:.2f} cpu_s={plain_cpu:.2f} images/s={n / plain_s:,.1f}")
+    print_fn(f"case=advgkl {tag} clean_acc={res.clean_acc:.4f} robust_acc={res.robust_acc:.4f} "
+             f"wall_s={ours_s:.2f} cpu_s={ours_cpu:.2f} images/s={n / ours_s:,.1f} "
+             f"per_attack={res.per_attack_robust_acc}")
     agree = (res_cl.robust_correct == res.robust_correct).float().mean().item()
-    print(f"case=advgkl+channels_last {tag} robust_acc={res_cl.robust_acc:.4f} wall_s={cl_s:.2f} "
-          f"images/s={args.n / cl_s:,.1f} per-point agreement with NCHW={agree:.4f}", flush=True)
-
+    print_fn(f"case=advgkl+channels_last {tag} robust_acc={res_cl.robust_acc:.4f} wall_s={cl_s:.2f} "
+             f"images/s={n / cl_s:,.1f} per-point agreement with NCHW={agree:.4f}")
     same = torch.equal(res.robust_correct, plain_robust)
-    plain_acc = plain_robust.sum().item() / args.n
-    print(f"bench_autoattack: advgkl/pyautoattack throughput ratio = {plain_s / ours_s:.3f} "
-          f"(robust accuracy {res.robust_acc:.4f} vs {plain_acc:.4f}, per-point equal: {same}); "
-          f"channels_last/NCHW ratio = {ours_s / cl_s:.3f}")
-    if res.robust_acc != plain_acc:
-        sys.exit("robust accuracy differs between advgkl's AutoAttack and plain pyautoattack")
+    plain_acc = plain_robust.sum().item() / n
+    print_fn(f"bench_autoattack: advgkl/pyautoattack throughput ratio = {plain_s / ours_s:.3f} "
+             f"(robust accuracy {res.robust_acc:.4f} vs {plain_acc:.4f}, per-point equal: {same}); "
+             f"channels_last/NCHW ratio = {ours_s / cl_s:.3f}")
+    return {"n": n, "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "plain_robust_acc": plain_acc,
+            "plain_s": plain_s, "advgkl_s": ours_s, "advgkl_channels_last_s": cl_s, "ratio": plain_s / ours_s,
+            "ratio_channels_last": plain_s / cl_s, "per_point_equal": same, "same_robust_acc": res.robust_acc == plain_acc,
+            "channels_last_agreement": agree}
 
 
 if __name__ == "__main__":

@@ -201,8 +201,11 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(model_name, method, batch, args, device, num_classes, state, prior_rows):
-    """Times both variants on one (model, method, batch); returns {variant: Result}."""
+def run_case(model_name, method, batch, args, device, num_classes, state, prior_rows,
+             variants=("baseline", "advgkl")):
+    """Times the variants on one (model, method, batch); returns {variant: Result}.
+
+    "advgkl+compile" is the advgkl variant with torch.compile (its compilation happens in the warm-up)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
@@ -218,7 +221,7 @@ def run_case(model_name, method, batch, args, device, num_classes, state, prior_
         prior.prior = prior_rows.clone()
         return prior
 
-    for variant in ("baseline", "advgkl"):
+    for variant in variants:
         res = Result()
         try:
             if variant == "baseline":
@@ -226,7 +229,9 @@ def run_case(model_name, method, batch, args, device, num_classes, state, prior_
                 torch.manual_seed(1)
                 x_adv = runner.attack(x, y)  # the fixed batch's adversarial images for the loss check
             else:
-                cfg = library_config(method, model_name, batch, num_classes, args)
+                compile_ = args.compile or variant == "advgkl+compile"
+                cfg = library_config(method, model_name, batch, num_classes, argparse.Namespace(
+                    **{**vars(args), "compile": compile_}))
                 runner = LibraryStep(fresh_model(), cfg, fresh_prior(), device)
             loss, _ = runner.loss(x, x_adv, y)  # initial weights, same (x, x_adv, y) for both variants
             res.loss = loss.item()
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 128 512 (smoke: 8)")
     parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--num-classes", type=int, default=10, choices=[10, 100])
-    parser.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+    parser.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"],
                         help="advgkl variant's runtime.amp (auto: bf16 on CUDA, none on CPU)")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the advgkl variant's model")

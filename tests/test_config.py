@@ -36,6 +36,11 @@ def test_overrides_parse_yaml_scalars_and_fractions():
     assert cfg.optim.lr == 0.2 and cfg.method.beta == 6.0 and isinstance(cfg.method.beta, float)
     assert cfg.data.subset == 2000 and cfg.attack.eps == pytest.approx(8 / 255)
     assert cfg.logging.tags == ["a", "b"] and cfg.ema.enabled is True
+    # YAML 1.1 reads on/off as booleans: the on/off settings take them back as written
+    on_off = from_dict(apply_overrides({}, ["runtime.channels_last=on"])).runtime.channels_last
+    assert on_off == "on" and from_dict({"runtime": {"channels_last": False}}).runtime.channels_last == "off"
+    with pytest.raises(UserError, match="runtime.amp: expected str, got bool True"):
+        from_dict(apply_overrides({}, ["runtime.amp=on"]))
 
 
 @pytest.mark.parametrize("override,message", [
