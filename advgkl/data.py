@@ -210,7 +210,8 @@ def _download_or_explain(name: str, root: Path, what: str) -> None:
     try:
         _download(name, root)
     except Exception as err:  # offline, proxy, disk: all mean the same thing to the user
-        raise UserError(f"{name} not found and the automatic download failed ({type(err).__name__}: {err}). "
+        reason = " ".join(str(err).split())  # torchvision lists every mirror it tried, a line each
+        raise UserError(f"{name} not found and the automatic download failed ({type(err).__name__}: {reason}). "
                         f"Put {what}") from err
 
 

@@ -416,12 +416,14 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     generated = (load_generated_npz(cfg.data.generated, num_classes=info.num_classes, image_shape=info.image_shape)
                  if cfg.data.generated else None)
     distributed.local_batch_size(cfg.data.batch_size, world)  # data.batch_size is global: it must split evenly
+    real_per_batch = cfg.data.batch_size - (round(cfg.data.generated_ratio * cfg.data.batch_size) if generated else 0)
+    if real_per_batch > len(train_x):
+        raise UserError(f"data.batch_size={cfg.data.batch_size} needs {real_per_batch} training images per batch, "
+                        f"but the training set has {len(train_x)}")
     loader = BatchLoader(train_x, train_y, cfg.data.batch_size, shuffle=True, drop_last=True,
                          augment=cfg.data.augment, seed=cfg.runtime.seed, device=device,
                          generated=generated, generated_ratio=cfg.data.generated_ratio,
                          rank=world.rank, world_size=world.size)
-    if len(loader) == 0:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({len(train_x)})")
 
     model = build_model(cfg).to(device, memory_format=memory_format)
     model = world.convert_sync_bn(model, cfg.runtime.sync_bn)

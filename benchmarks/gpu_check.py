@@ -8,20 +8,21 @@ The GPU machine has torch but no network, pyautoattack or robustbench: when pyau
 the wheels in .gpu/wheels are installed into .gpu/site first, and .gpu/data is the data root. docs/gpu.md
 says how to run it through the device tool and what each number means.
 
-Sections, in this order; each writes one file into --out, and summary.md / summary.json close the run
-(8 files at most):
+Sections, in this order; each writes one file into --out, and summary.md / summary.json close the run:
   e2e         `advgkl train` of the demo recipe with bf16, channels_last and torch.compile, ending with
               standard AutoAttack on 500 test points; then plain fp32 pyautoattack on the same weights
               and points, whose per-point verdicts must be identical.
   step        one training step, images/s: WRN-34-10 GKL-AT and PreActResNet-18 PGD-10 at batch 128 and
-              256 on CIFAR-shaped synthetic data, advgkl (eager, and compiled for WRN-34-10 at 128) against
-              the reference-style baseline of benchmarks/bench_train_step.py; MFU against the bf16 peak.
+              256 on CIFAR-shaped synthetic data, advgkl (eager) against the reference-style baseline of
+              benchmarks/bench_train_step.py; MFU against the bf16 peak.
   data        BatchLoader images/s (CIFAR-shaped uint8, crop + flip) against what the fastest step consumes.
   ddp         world-size-1 DDP: `torchrun --nproc_per_node 1 -m advgkl train` against plain `advgkl train`.
   profile     the 10 kernels with the most device time in WRN-34-10 GKL-AT steps (torch.profiler).
   autoattack  WRN-34-10 standard AutoAttack, advgkl against plain pyautoattack on the same 1,000 points.
               The weights come from a short plain training on synthetic data: a timing, not a robustness
               number.
+  compile     the step section's WRN-34-10 GKL-AT batch-128 case with torch.compile, appended to step.txt
+              (last: compiling WRN-34-10 takes minutes).
 A section that would start with less time left than it needs (--budget-s) is skipped and says so.
 Exit status 1 when a section raised; missed targets are reported, not failures.
 """
@@ -83,9 +84,10 @@ def install_wheels(prep: Path, target: Path) -> Path:
 class Report:
     """One section's output: printed, and written to its file in --out as it goes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
-        path.write_text("")
+        if not append:
+            path.write_text("")
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
@@ -172,7 +174,7 @@ def section_step(ctx) -> dict:
     import bench_train_step as bts
     from advgkl.models import create_model, model_info
 
-    log, size = ctx.report("step.txt"), ctx.size
+    log, size = ctx.report("step.txt", append=ctx.compile_pass), ctx.size  # compile: appended, 8 files in all
     args = argparse.Namespace(device=ctx.device.type, amp="auto", channels_last="auto", compile=False,
                               warmup=size["step_warmup"], repeats=size["step_repeats"])
     peak = ctx.peak_tflops
@@ -186,9 +188,10 @@ def section_step(ctx) -> dict:
         g = torch.Generator().manual_seed(0)
         prior_rows = torch.softmax(2 * torch.randn(10, 10, generator=g), 1).to(ctx.device)
         for batch in batches:
-            variants = ["baseline", "advgkl"]
-            if (model_name, batch) == size["compile_case"] and ctx.remaining() > size["compile_needs_s"]:
-                variants.append("advgkl+compile")
+            compiled = ctx.compile_pass and (model_name, method, batch) == size["compile_case"]
+            if ctx.compile_pass and not compiled:
+                continue
+            variants = ["baseline", "advgkl+compile" if compiled else "advgkl"]  # a baseline beside every case
             res = bts.run_case(model_name, method, batch, args, ctx.device, 10, state, prior_rows, variants=variants)
             base = res.get("baseline")
             for variant, r in res.items():
@@ -204,7 +207,8 @@ def section_step(ctx) -> dict:
                     f"{(f'{r.peak_mem_gib:.2f}GiB' if r.peak_mem_gib is not None else 'n/a'):>9} "
                     f"{(f'{mfu:.1%}' if mfu is not None else 'n/a'):>6} {r.loss:>9.5f}  "
                     f"{(f'{ratio:.2f}x' if ratio else '')}")
-        best = max((v for k, v in out.items() if k.startswith(f"{model_name}/{method}/") and v["ratio"]
+        ctx.step_results.update({k: v for k, v in out.items() if not k.endswith("/baseline")})
+        best = max((v for k, v in ctx.step_results.items() if k.startswith(f"{model_name}/{method}/") and v["ratio"]
                     and "baseline" not in k), key=lambda v: v["ratio"], default=None)
         if best is None:
             continue
@@ -216,8 +220,17 @@ def section_step(ctx) -> dict:
             ctx.summary(key, f"{best['ratio']:.2f}x ({model_name} {method})", best["ratio"] >= 4)
     log(f"peak dense bf16 for MFU: {peak or 'n/a'} TFLOP/s; forward-equivalent passes per image: "
         f"gkl_at {bts.forward_passes('gkl_at')}, pgd_at {bts.forward_passes('pgd_at')}")
-    ctx.step_rates = {k: v["images_per_s"] for k, v in out.items() if "baseline" not in k}
+    ctx.step_rates.update({k: v["images_per_s"] for k, v in out.items() if "baseline" not in k})
     return out
+
+
+def section_compile(ctx) -> dict:
+    """The step section's WRN-34-10 GKL-AT case again, compiled; last, since compiling WRN-34-10 takes minutes."""
+    ctx.compile_pass = True
+    try:
+        return section_step(ctx)
+    finally:
+        ctx.compile_pass = False
 
 
 def section_data(ctx) -> dict:
@@ -349,15 +362,15 @@ def section_autoattack(ctx) -> dict:
 
 
 SECTIONS = {"e2e": section_e2e, "step": section_step, "data": section_data, "ddp": section_ddp,
-            "profile": section_profile, "autoattack": section_autoattack}
+            "profile": section_profile, "autoattack": section_autoattack, "compile": section_compile}
 
 SIZES = {
     "full": {
         "e2e_points": 500, "e2e_overrides": [], "needs": {"e2e": 120, "step": 90, "data": 10, "ddp": 60,
-                                                          "profile": 20, "autoattack": 120},
+                                                          "profile": 20, "autoattack": 120, "compile": 150},
         "step_cases": [("step_wrn_gkl", "wrn_34_10", "gkl_at", [128, 256]),
                        ("step_preact_pgd", "preact_resnet18", "pgd_at", [128, 256])],
-        "step_warmup": 2, "step_repeats": 5, "compile_case": ("wrn_34_10", 128), "compile_needs_s": 300,
+        "step_warmup": 2, "step_repeats": 5, "compile_case": ("wrn_34_10", "gkl_at", 128),
         "data_n": 50_000, "data_batches": [128, 256],
         "ddp_model": "preact_resnet18", "ddp_subset": 10_240, "ddp_batch": 256,
         "profile_case": ("wrn_34_10", 128), "profile_steps": 2,
@@ -368,7 +381,7 @@ SIZES = {
         "e2e_overrides": ["data.subset=256", "data.val_size=64", "optim.epochs=1", "eval.batch_size=8",
                           "eval.honesty_pgd_steps=2", "eval.val_pgd_steps=2"],
         "step_cases": [("step_wrn_gkl", "tiny_cnn", "gkl_at", [8]), ("step_preact_pgd", "tiny_cnn", "pgd_at", [8])],
-        "step_warmup": 1, "step_repeats": 1, "compile_case": ("tiny_cnn", 8), "compile_needs_s": 0,
+        "step_warmup": 1, "step_repeats": 1, "compile_case": ("tiny_cnn", "gkl_at", 8),
         "data_n": 2048, "data_batches": [256],
         "ddp_model": "tiny_cnn", "ddp_subset": 256, "ddp_batch": 32,
         "profile_case": ("tiny_cnn", 8), "profile_steps": 1,
@@ -384,13 +397,15 @@ class Context:
         self.deadline = time.monotonic() + args.budget_s if args.budget_s else float("inf")
         self.rows: list[tuple[str, str, bool]] = []
         self.step_rates: dict[str, float] = {}
+        self.step_results: dict[str, dict] = {}
+        self.compile_pass = False
         self.peak_tflops = None
 
     def remaining(self) -> float:
         return max(1.0, self.deadline - time.monotonic()) if self.deadline != float("inf") else 3600.0
 
-    def report(self, name: str) -> Report:
-        return Report(self.out / name)
+    def report(self, name: str, append: bool = False) -> Report:
+        return Report(self.out / name, append)
 
     def summary(self, key: str, measured: str, passed: bool) -> None:
         self.rows.append((key, measured, passed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,26 @@ from advgkl.errors import UserError
 
 # tests share small CPU boxes: more threads than free cores makes OpenMP spin and run ~10x slower
 torch.set_num_threads(int(os.environ.get("ADVGKL_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _coverage_survives_plain_pyautoattack():
+    """Plain pyautoattack (the tests' reference) runs checks.check_dynamic, which ends with sys.settrace(None):
+    that switches coverage's tracer off in this process for every later test. Keep whatever tracer was set."""
+    from pyautoattack import checks
+
+    original = checks.check_dynamic
+
+    def keep_tracer(*args, **kwargs):
+        tracer = sys.gettrace()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sys.settrace(tracer)
+
+    checks.check_dynamic = keep_tracer
+    yield
+    checks.check_dynamic = original
 
 
 # ---------------------------------------------------------------- Fashion-MNIST

@@ -59,16 +59,19 @@ def test_gpu_check_smoke_runs_every_section(prepared, tmp_path):
                      "summary.md"]  # at most 8 result files, one folder: what the device tool brings back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and all(s["status"] == "ran" for s in summary["sections"].values()), summary["sections"]
+    assert list(summary["sections"]) == ["e2e", "step", "data", "ddp", "profile", "autoattack", "compile"]
     env_ = summary["environment"]
     assert env_["chip"].startswith("cpu") and env_["torch"] and env_["commit"] != "unknown"
     results = summary["results"]
     e2e = results["e2e"]
     assert e2e["points_that_differ"] == 0 and e2e["n_points"] == 8
     assert e2e["compiled_graphs"][0] > 0  # the demo recipe really ran under torch.compile
-    step = results["step"]
-    assert {"tiny_cnn/gkl_at/b8/baseline", "tiny_cnn/gkl_at/b8/advgkl", "tiny_cnn/gkl_at/b8/advgkl+compile",
-            "tiny_cnn/pgd_at/b8/advgkl"} <= step.keys()
-    assert all(v["images_per_s"] > 0 for v in step.values())
+    step, compiled = results["step"], results["compile"]
+    assert {"tiny_cnn/gkl_at/b8/baseline", "tiny_cnn/gkl_at/b8/advgkl", "tiny_cnn/pgd_at/b8/advgkl"} <= step.keys()
+    assert list(compiled) == ["tiny_cnn/gkl_at/b8/baseline", "tiny_cnn/gkl_at/b8/advgkl+compile"]
+    assert compiled["tiny_cnn/gkl_at/b8/advgkl+compile"]["ratio"] > 0
+    assert all(v["images_per_s"] > 0 for v in [*step.values(), *compiled.values()])
+    assert "advgkl+compile" in (out / "step.txt").read_text()
     assert results["data"]["ratio"] > 0 and results["ddp"]["plain"] > 0 and results["ddp"]["torchrun"] > 0
     assert len(results["profile"]["top"]) == 10
     assert results["autoattack"]["per_point_equal"] is True
