@@ -22,7 +22,7 @@ fmnist:
 
 # Ends with the line coverage of advgkl/ (all processes the tests start, combined).
 test: setup fmnist
-	$(BIN)/python -m pytest -q --cov=advgkl --cov-report=term
+	$(BIN)/python -m pytest -q --cov=advgkl --cov-report=term --cov-fail-under=95
 
 # --resume: a second `make demo` continues (or re-reports) the same run instead of refusing the folder.
 demo: setup fmnist

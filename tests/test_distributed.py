@@ -445,6 +445,48 @@ def test_sync_batchnorm_converts_under_gloo_and_its_checkpoints_load_both_ways(f
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _group_errors_worker(rank, tmp: Path):
+    world = distributed.current()
+    mask = torch.tensor([rank == 0, False])
+    assert world.any(mask).tolist() == [True, False] and distributed.World().any(mask) is mask
+    try:  # inside a job, an error that is not a lost peer passes through unchanged
+        with distributed.process_group():
+            raise RuntimeError("a bug in the job")
+    except RuntimeError as e:
+        assert str(e) == "a bug in the job" and not isinstance(e, UserError)
+    model = create_model("tiny_cnn", num_classes=10, in_channels=1)
+    aa = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.1, batch_size=4, progress=False)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 10])
+    try:  # sharded AutoAttack checks the labels like the single-process one, on every rank
+        distributed.autoattack(aa, x, y)
+    except UserError as e:
+        (tmp / f"labels_{rank}.txt").write_text(str(e))
+    # a finished sharded evaluation is re-reported from its state; another evaluation's state is refused
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8)
+    state = tmp / "aa_state.pt"
+    aa = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.1, batch_size=4, progress=False,
+                    state_path=state)
+    first = distributed.autoattack(aa, x, y)
+    again = distributed.autoattack(aa, x, y)
+    assert torch.equal(again.robust_correct, first.robust_correct) and again.robust_acc == first.robust_acc
+    other = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.2, batch_size=4, progress=False,
+                       state_path=state)
+    try:
+        distributed.autoattack(other, x, y)
+    except UserError as e:
+        (tmp / f"state_{rank}.txt").write_text(str(e))
+
+
+def test_group_helpers_pass_bugs_through_and_sharded_autoattack_checks_its_inputs(tmp_path):
+    spawn(_group_errors_worker, tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / f"labels_{rank}.txt").read_text() == (
+            "labels must lie in [0, 9] (the model has 10 outputs); got [0, 10]")
+        assert (tmp_path / f"state_{rank}.txt").read_text().startswith(
+            f"AutoAttack state {tmp_path / 'aa_state.pt'} belongs to a different evaluation (")
+
+
 def _hang_worker(rank, report: Path):
     group = dist.new_group(timeout=datetime.timedelta(seconds=2))
     if rank == 1:  # hangs: never joins the collective, then leaves quietly

@@ -92,3 +92,9 @@ def test_an_output_folder_that_cannot_be_created_is_refused(fmnist_root, tmp_pat
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match=r"output folder .*file/run is not writable \(Not a directory\)"):
         trainers.train(_tiny(fmnist_root, "data.batch_size=8"), blocker / "run")
+
+
+def test_the_progress_bar_names_the_epoch(fmnist_root, tmp_path, capsys):
+    trainers.train(_tiny(fmnist_root, "data.batch_size=8", "logging.progress=true", "runtime.threads=1"),
+                   tmp_path / "run")
+    assert "epoch 1/1" in capsys.readouterr().err  # tqdm, on stderr
