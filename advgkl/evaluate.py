@@ -13,10 +13,10 @@ from .config import Config, from_dict
 from .data import load_dataset
 from .errors import UserError
 from .logging import RunLogger
+from .runtime import build_model, data_root, pick_memory_format, resolve_device
 
 
 def load_test_points(cfg: Config, n_examples: int):
-    from .trainers import data_root
 
     """The first ``n_examples`` test images (float [N, C, H, W] in [0, 1]) and labels; 0 = all."""
     kw = {"image_size": cfg.data.image_size} if cfg.data.dataset == "imagefolder" else {}
@@ -47,8 +47,6 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
     world = distributed.current()
     with world.main_first():  # a first-use download happens once
         x, y = load_test_points(cfg, e.n_examples)
-    from .trainers import pick_memory_format
-
     # AutoAttack always runs in fp32; channels_last weights make the convolutions take the fast path
     model = model.float().eval().to(memory_format=pick_memory_format(cfg, torch.device(device)))
     t0 = time.perf_counter()
@@ -118,8 +116,6 @@ def gather_results(cfg: Config, evaluations: dict, *, train_time_s: float | None
 
 def model_from_checkpoint(ckpt: dict, cfg: Config, path) -> tuple[torch.nn.Module, str]:
     """The checkpoint's network (on CPU) with its EMA weights where it has them; returns (model, "ema"|"model")."""
-    from .trainers import build_model
-
     model = build_model(cfg)
     weights = "ema" if ckpt.get("ema") is not None else "model"
     try:
@@ -141,8 +137,6 @@ def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attack
 
 
 def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size, device, wandb, data_root) -> dict:
-    from .trainers import resolve_device
-
     path = Path(path)
     ckpt = load_checkpoint(path)
     raw = ckpt["config"]
@@ -157,7 +151,7 @@ def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size,
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     world = distributed.current()
-    dev = world.device(resolve_device(device))
+    dev = world.device(resolve_device(device, flag="--device"))
     model, weights = model_from_checkpoint(ckpt, cfg, path)
     model.to(dev)
     out = Path(out) if out else path.parent.parent / f"eval_{path.stem}"

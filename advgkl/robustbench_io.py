@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from advgkl.errors import UserError
+from advgkl.runtime import resolve_device
 
 __all__ = [
     "import_robustbench", "supported", "leaderboard", "leaderboard_entry", "format_leaderboard", "parse_eps",
@@ -368,14 +369,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
-
-
 def _pct(x: float) -> float:
     return round(100.0 * float(x), 4)
 
@@ -399,7 +392,7 @@ def reproduce(name: str, dataset: str = "cifar10", threat_model: str = "Linf", *
 
     entry = leaderboard_entry(name, dataset, threat_model)
     eps = parse_eps(entry["eps"])
-    dev = _resolve_device(device)
+    dev = resolve_device(device, flag="--device")
     if data_dir is None:
         from advgkl.data import DEFAULT_ROOT as data_dir
     x, y = load_dataset(dataset, data_dir, train=False)

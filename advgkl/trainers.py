@@ -17,15 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, honesty, losses
+from . import distributed, evaluate, honesty, losses
 from .attacks import PGD, make_objective
 from .checkpoint import (FORMAT, RunLock, atomic_torch_save, environment_info, load_checkpoint, rng_state,
                          seed_everything, set_rng_state, write_json)
 from .config import ADVERSARIAL_METHODS, Config, from_dict, to_yaml
-from .data import DEFAULT_ROOT, BatchLoader, dataset_info, load_dataset, load_generated_npz, split_validation, take_subset
+from .data import BatchLoader, dataset_info, load_dataset, load_generated_npz, split_validation, take_subset
 from .errors import UserError
 from .logging import RunLogger
-from .models import create_model
+from .runtime import amp_dtype, build_model, data_root, pick_memory_format, resolve_device
 
 
 @dataclass
@@ -212,41 +212,6 @@ def eps_at(epoch: int, cfg: Config) -> float:
 
 
 # ----------------------------------------------------------------------------------------- set-up
-def pick_memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
-    """channels_last where ``runtime.channels_last`` says so; auto = on for CUDA and CPU.
-
-    On CPU (oneDNN) channels_last runs small_cnn's forward 2.5-2.8x and forward+backward 1.4-1.7x
-    faster than NCHW (1 thread, batch 128-325, torch 2.14); on CUDA it is what cuDNN's fast kernels want.
-    """
-    on = cfg.runtime.channels_last == "on" or (cfg.runtime.channels_last == "auto" and device.type in ("cuda", "cpu"))
-    return torch.channels_last if on else torch.contiguous_format
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"runtime.device={name} but CUDA is not available here; use runtime.device=cpu")
-    return torch.device(name)
-
-
-def amp_dtype(cfg: Config, device: torch.device):
-    amp = cfg.runtime.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"none": None, "bf16": torch.bfloat16}[amp]
-
-
-def data_root(cfg: Config) -> str:
-    return cfg.data.root or DEFAULT_ROOT
-
-
-def build_model(cfg: Config) -> nn.Module:
-    info = dataset_info(cfg.data.dataset, root=data_root(cfg), image_size=cfg.data.image_size)
-    return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.image_shape[0],
-                        mean=info.mean, std=info.std)
-
-
 def load_teacher(spec: str, cfg: Config, device: torch.device) -> nn.Module:
     if spec.startswith("robustbench:"):
         from .robustbench_io import load_leaderboard_model
@@ -309,12 +274,10 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 @torch.no_grad()
 def robust_accuracy_pgd(model, images, labels, cfg: Config, device, steps: int, batch_size: int = 500):
     """(clean, PGD-``steps`` CE) accuracy on uint8 images, for validation-based checkpoint selection."""
-    from .evaluate import clean_accuracy
-
     was_training = model.training
     model.eval()
     x = images.float().div_(255)
-    clean = clean_accuracy(model, x, labels, device, batch_size).float().mean().item()
+    clean = evaluate.clean_accuracy(model, x, labels, device, batch_size).float().mean().item()
     robust = honesty.pgd_correct(model, x, labels, eps=cfg.eval.eps or cfg.attack.eps, norm=cfg.attack.norm,
                                  steps=steps, device=device, batch_size=batch_size).float().mean().item()
     model.train(was_training)
@@ -374,8 +337,6 @@ def _claim_output(out: Path, last_path: Path, resume: bool) -> None:
 
 
 def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resume: bool) -> dict:
-    from .evaluate import evaluate_model, gather_results
-
     world = distributed.current()
     state, error = None, None
     if world.is_main:  # the other ranks never read the output folder: they get the checkpoint by broadcast
@@ -575,7 +536,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     evaluations = {}
     net = ema.model if ema else model
     # under torchrun every rank evaluates: AutoAttack's chunks are shared out (distributed.autoattack)
-    evaluations["ema" if ema else "final"] = evaluate_model(net, cfg, device, out, tag="final", logger=logger)
+    evaluations["ema" if ema else "final"] = evaluate.evaluate_model(net, cfg, device, out, tag="final", logger=logger)
     best_weights = None
     if world.is_main and cfg.eval.evaluate_best and (ckpt_dir / "best.pt").exists():
         best_weights = load_checkpoint(ckpt_dir / "best.pt")["model"]
@@ -583,8 +544,8 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
     if best_weights is not None:
         best = build_model(cfg).to(device)
         best.load_state_dict(best_weights)
-        evaluations["best"] = evaluate_model(best, cfg, device, out, tag="best", logger=logger)
-    results = gather_results(cfg, evaluations, train_time_s=train_time, evaluated="ema" if ema else "final")
+        evaluations["best"] = evaluate.evaluate_model(best, cfg, device, out, tag="best", logger=logger)
+    results = evaluate.gather_results(cfg, evaluations, train_time_s=train_time, evaluated="ema" if ema else "final")
     results["environment"] = environment_info()
     if world.is_main:
         write_json(out / "results.json", results)

@@ -46,7 +46,8 @@ from advgkl import losses
 from advgkl.attacks import PGD
 from advgkl.config import Config, from_dict
 from advgkl.models import create_model, model_info
-from advgkl.trainers import METHODS, Context, amp_dtype, make_optimizer, pick_memory_format
+from advgkl.runtime import amp_dtype, pick_memory_format
+from advgkl.trainers import METHODS, Context, make_optimizer
 
 EPS = 8 / 255
 LR = 0.05  # small enough that a few steps on a random batch never blow up

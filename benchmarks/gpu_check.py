@@ -122,7 +122,7 @@ def section_e2e(ctx) -> dict:
     from advgkl.checkpoint import load_checkpoint
     from advgkl.config import from_dict
     from advgkl.evaluate import load_test_points
-    from advgkl.trainers import build_model, pick_memory_format
+    from advgkl.runtime import build_model, pick_memory_format
 
     log, size = ctx.report("e2e.txt"), ctx.size
     run = ctx.work / "e2e"

@@ -116,3 +116,14 @@ def test_eval_overrides_replace_the_checkpoints_recipe(make_cifar, tmp_path):
     assert results["out"] == str(tmp_path / "run" / "eval_final")
     saved = json.loads((tmp_path / "run" / "eval_final" / "results.json").read_text())
     assert saved["clean_acc"] == results["clean_acc"] and saved["checkpoint"] == str(ckpt)
+
+
+def test_eval_asks_for_cuda_in_the_flag_the_user_typed(tmp_path, monkeypatch):
+    raw = make_cfg()
+    ckpt = tmp_path / "final.pt"
+    torch.save({"format": FORMAT, "config": raw, "model": trainers.build_model(from_dict(raw)).state_dict()}, ckpt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError) as err:
+        evaluate.evaluate_checkpoint(ckpt, device="cuda", wandb="disabled", out=tmp_path / "out")
+    assert str(err.value) == "--device cuda but CUDA is not available here; use --device cpu"
+    assert not (tmp_path / "out").exists()

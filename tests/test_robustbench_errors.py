@@ -239,7 +239,7 @@ def _reproduce_argv(setup, out, *extra):
 def test_reproduce_cuda_requested_without_cuda(r18_setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = _cli_error(capsys, _reproduce_argv(r18_setup, tmp_path / "out", "--device", "cuda"))
-    assert line == ("advgkl reproduce: error: device 'cuda' requested but CUDA is not available; "
+    assert line == ("advgkl reproduce: error: --device cuda but CUDA is not available here; "
                     "use --device cpu")
     assert not (tmp_path / "out").exists()
 
