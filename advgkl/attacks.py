@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from advgkl import losses
+from advgkl import distributed, losses
 from advgkl.checkpoint import atomic_torch_save
 from advgkl.errors import UserError
 
@@ -496,14 +496,26 @@ class AutoAttack:
         if self.state_path is not None:
             atomic_torch_save(state, self.state_path)  # a kill mid-write leaves the previous state
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> AutoAttackResult:
-        self._check_inputs(x, y)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, world: "distributed.World | None" = None) -> AutoAttackResult:
+        """Clean and robust accuracy of the model on (x, y); see the class docstring.
+
+        Under a process group (``world``, default: the running one, if any) the ranks share the work:
+        AutoAttack splits the points still robust when an attack starts into chunks of ``batch_size``
+        and seeds every chunk alike, so a point's outcome depends on its chunk. In round j rank r attacks
+        chunk ``j * size + r`` and an OR over ranks merges the broken points, so after every round all
+        ranks hold the single-process state and per-point results equal one process's exactly. Rank 0
+        alone reads and writes ``state_path``, in one format for any number of processes: a killed job
+        resumes with any number of processes, or with one. Every rank passes the same x and y.
+        """
         from pyautoattack import checks
         from tqdm.auto import tqdm
 
+        world = world or distributed.current()
+        self._check_inputs(x, y)
         t0 = time.time()
         model, dev, n, bs = self.model, self.device, x.shape[0], self.batch_size
         x = x.detach().float()
+        save = self._save if world.is_main else (lambda state: None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(eval_mode(model))
             stack.enter_context(_fp32_frozen(model, self.allow_tf32))
@@ -516,27 +528,40 @@ class AutoAttack:
             if int(y.min()) < 0 or int(y.max()) >= n_classes:
                 raise UserError(f"labels must lie in [0, {n_classes - 1}] (the model has {n_classes} outputs); "
                                 f"got [{int(y.min())}, {int(y.max())}]")
-            fingerprint = self._fingerprint(x, y)
-            state = self._load_state(fingerprint)
+            fingerprint, state, error = self._fingerprint(x, y), None, None
+            if world.is_main:
+                try:
+                    state = self._load_state(fingerprint)
+                except UserError as e:
+                    error = e
+            world.agree(error)
+            state = world.broadcast(state)
             if state is None:
                 state = {"format": _STATE_FORMAT, "fingerprint": fingerprint, "clean_correct": None,
                          "robust": None, "broken_by": None, "per_attack": {}, "current": None,
                          "start_robust": None, "chunks_done": 0, "done": [], "wall_time_s": 0.0}
             wall_before = state["wall_time_s"]
             aa = self.pyautoattack(n_classes)
+            yc = y.cpu()
 
             if state["clean_correct"] is None:
-                chunk0 = x[:bs].to(dev)
-                checks.check_randomized(model, chunk0, y[:bs].to(dev), bs=bs, logger=aa.logger)
-                checks.check_range_output(model, chunk0, logger=aa.logger)
-                clean = torch.cat([model(x[i:i + bs].to(dev)).max(dim=1)[1].cpu() for i in range(0, n, bs)]) == y.cpu()
+                if world.is_main:  # pyautoattack's sanity warnings, once
+                    chunk0 = x[:bs].to(dev)
+                    checks.check_randomized(model, chunk0, y[:bs].to(dev), bs=bs, logger=aa.logger)
+                    checks.check_range_output(model, chunk0, logger=aa.logger)
+                clean = torch.zeros(n, dtype=torch.bool)
+                for c, i in enumerate(range(0, n, bs)):
+                    if c % world.size == world.rank:
+                        clean[i:i + bs] = model(x[i:i + bs].to(dev)).max(dim=1)[1].cpu() == yc[i:i + bs]
+                clean = world.any(clean)
                 state.update(clean_correct=clean, robust=clean.clone(),
                              broken_by=torch.where(clean, -1, 0).to(torch.int8))
                 state["per_attack"]["clean"] = clean.sum().item() / n
-                self._save(state)
-            robust, broken_by, yc = state["robust"], state["broken_by"], y.cpu()
+                save(state)
+            robust, broken_by = state["robust"], state["broken_by"]
 
-            bar = tqdm(total=len(self.attacks), desc="AutoAttack", unit="attack", disable=not self.progress)
+            bar = tqdm(total=len(self.attacks), desc="AutoAttack", unit="attack",
+                       disable=not (self.progress and world.is_main))
             for k, name in enumerate(self.attacks):
                 if name in state["per_attack"]:
                     bar.update(1)
@@ -545,28 +570,32 @@ class AutoAttack:
                     state.update(current=name, start_robust=robust.clone(), chunks_done=0)
                 # split() of an empty index still yields one empty chunk: nothing robust, nothing to attack
                 chunks = [c for c in state["start_robust"].nonzero().flatten().split(bs) if len(c)]
-                for c, idx in enumerate(chunks):
-                    if c < state["chunks_done"]:
-                        continue
-                    adv = _run_attack(aa, name, x[idx].to(dev), y[idx].to(dev))
-                    broken = (model(adv).max(dim=1)[1].cpu() != yc[idx])
-                    robust[idx[broken]] = False
-                    broken_by[idx[broken]] = k + 1
-                    state["chunks_done"] = c + 1
-                    state["done"].append([name, c])
-                    state["wall_time_s"] = wall_before + time.time() - t0
-                    self._save(state)
-                    bar.set_postfix_str(f"{name} chunk {c + 1}/{len(chunks)} robust {robust.float().mean():.2%}")
+                for first in range(state["chunks_done"], len(chunks), world.size):
+                    c = first + world.rank  # this rank's chunk of the round; one process: every chunk in turn
+                    broken = torch.zeros(n, dtype=torch.bool)
+                    if c < len(chunks):
+                        idx = chunks[c]
+                        adv = _run_attack(aa, name, x[idx].to(dev), y[idx].to(dev))
+                        broken[idx[model(adv).max(dim=1)[1].cpu() != yc[idx]]] = True
+                    broken = world.any(broken)
+                    robust[broken] = False
+                    broken_by[broken] = k + 1
+                    done = min(first + world.size, len(chunks))
+                    state["done"] += [[name, j] for j in range(first, done)]
+                    state.update(chunks_done=done, wall_time_s=wall_before + time.time() - t0)
+                    save(state)
+                    bar.set_postfix_str(f"{name} chunk {done}/{len(chunks)} robust {robust.float().mean():.2%}")
                 state["per_attack"][name] = robust.sum().item() / n
                 state.update(current=None, start_robust=None, chunks_done=0,
                              wall_time_s=wall_before + time.time() - t0)
-                self._save(state)
+                save(state)
                 bar.update(1)
-                if self.verbose:
+                if self.verbose and world.is_main:
                     print(f"AutoAttack {name}: robust accuracy {state['per_attack'][name]:.2%} "
                           f"({state['wall_time_s']:.1f} s)", flush=True)
             bar.close()
-            checks.check_square_sr(state["per_attack"], logger=aa.logger)
+            if world.is_main:
+                checks.check_square_sr(state["per_attack"], logger=aa.logger)
 
         per_attack = {"clean": state["per_attack"]["clean"]}
         per_attack.update({a: state["per_attack"][a] for a in self.attacks})

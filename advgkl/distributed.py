@@ -24,7 +24,6 @@ import datetime
 import inspect
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,6 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import attacks
 from .errors import UserError
 
 __all__ = ["World", "current", "process_group", "launched", "env_rank", "local_batch_size", "autoattack",
@@ -275,113 +273,8 @@ class NullLogger:
 
 
 # ------------------------------------------------------------------------------- sharded AutoAttack
-def autoattack(aa: "attacks.AutoAttack", x: torch.Tensor, y: torch.Tensor) -> "attacks.AutoAttackResult":
-    """``aa(x, y)`` in one process; ``sharded_autoattack`` when a process group is running."""
-    world = current()
-    return sharded_autoattack(aa, x, y, world) if world.distributed else aa(x, y)
+def autoattack(aa, x: torch.Tensor, y: torch.Tensor):
+    """``aa(x, y)`` (an ``attacks.AutoAttack``), with its chunks shared out when a process group is running."""
+    return aa(x, y, current())
 
 
-def sharded_autoattack(aa: "attacks.AutoAttack", x: torch.Tensor, y: torch.Tensor,
-                       world: World | None = None) -> "attacks.AutoAttackResult":
-    """``aa(x, y)`` with its chunks spread over the ranks; every rank returns the same, merged result.
-
-    AutoAttack splits the points still robust when an attack starts into chunks of ``aa.batch_size``
-    and seeds every chunk alike, so a point's outcome depends on its chunk. Splitting the *points* into
-    fixed shards would give the first attack the single-process chunks but not the later ones (their
-    chunks are cut from the robust set that the first attack left). So the ranks share the *chunks* of
-    each attack instead: in round j rank r attacks chunk ``j * size + r`` and an OR over ranks merges
-    the broken points; after every round all ranks hold the single-process state, and per-point
-    results equal ``aa(x, y)`` exactly. Rank 0 alone reads and writes ``aa.state_path``, in the same
-    format as ``aa(x, y)``: a killed job resumes with any number of processes, or with one.
-    ``x``, ``y``: the same [N, C, H, W] floats in [0, 1] and [N] labels on every rank.
-    """
-    from pyautoattack import checks
-    from tqdm.auto import tqdm
-
-    world = world or current()
-    aa._check_inputs(x, y)
-    t0 = time.time()
-    model, dev, n, bs = aa.model, aa.device, x.shape[0], aa.batch_size
-    x = x.detach().float()
-    save = aa._save if world.is_main else (lambda state: None)
-    with contextlib.ExitStack() as stack:  # the same set-up as AutoAttack.__call__
-        stack.enter_context(attacks.eval_mode(model))
-        stack.enter_context(attacks._fp32_frozen(model, aa.allow_tf32))
-        stack.enter_context(torch.autocast(dev.type, enabled=False))
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
-
-        n_classes = model(x[:1].to(dev)).shape[-1]
-        if int(y.min()) < 0 or int(y.max()) >= n_classes:
-            raise UserError(f"labels must lie in [0, {n_classes - 1}] (the model has {n_classes} outputs); "
-                            f"got [{int(y.min())}, {int(y.max())}]")
-        state, error = None, None
-        if world.is_main:
-            try:
-                state = aa._load_state(aa._fingerprint(x, y))
-            except UserError as e:
-                error = e
-        world.agree(error)
-        state = world.broadcast(state)
-        if state is None:
-            state = {"format": attacks._STATE_FORMAT, "fingerprint": aa._fingerprint(x, y), "clean_correct": None,
-                     "robust": None, "broken_by": None, "per_attack": {}, "current": None,
-                     "start_robust": None, "chunks_done": 0, "done": [], "wall_time_s": 0.0}
-        wall_before = state["wall_time_s"]
-        pa = aa.pyautoattack(n_classes)
-        yc = y.cpu()
-
-        if state["clean_correct"] is None:
-            if world.is_main:  # pyautoattack's sanity warnings, once
-                chunk0 = x[:bs].to(dev)
-                checks.check_randomized(model, chunk0, y[:bs].to(dev), bs=bs, logger=pa.logger)
-                checks.check_range_output(model, chunk0, logger=pa.logger)
-            clean = torch.zeros(n, dtype=torch.bool)
-            for c, i in enumerate(range(0, n, bs)):
-                if c % world.size == world.rank:
-                    clean[i:i + bs] = model(x[i:i + bs].to(dev)).max(dim=1)[1].cpu() == yc[i:i + bs]
-            clean = world.any(clean)
-            state.update(clean_correct=clean, robust=clean.clone(),
-                         broken_by=torch.where(clean, -1, 0).to(torch.int8))
-            state["per_attack"]["clean"] = clean.sum().item() / n
-            save(state)
-        robust, broken_by = state["robust"], state["broken_by"]
-
-        bar = tqdm(total=len(aa.attacks), desc="AutoAttack", unit="attack", disable=not (aa.progress and world.is_main))
-        for k, name in enumerate(aa.attacks):
-            if name in state["per_attack"]:
-                bar.update(1)
-                continue
-            if state["current"] != name:
-                state.update(current=name, start_robust=robust.clone(), chunks_done=0)
-            chunks = state["start_robust"].nonzero().flatten().split(bs)
-            for first in range(state["chunks_done"], len(chunks), world.size):
-                c = first + world.rank
-                broken = torch.zeros(n, dtype=torch.bool)
-                if c < len(chunks):
-                    idx = chunks[c]
-                    adv = attacks._run_attack(pa, name, x[idx].to(dev), y[idx].to(dev))
-                    broken[idx[model(adv).max(dim=1)[1].cpu() != yc[idx]]] = True
-                broken = world.any(broken)
-                robust[broken] = False
-                broken_by[broken] = k + 1
-                done = min(first + world.size, len(chunks))
-                state["done"] += [[name, j] for j in range(first, done)]
-                state.update(chunks_done=done, wall_time_s=wall_before + time.time() - t0)
-                save(state)
-                bar.set_postfix_str(f"{name} chunk {done}/{len(chunks)} robust {robust.float().mean():.2%}")
-            state["per_attack"][name] = robust.sum().item() / n
-            state.update(current=None, start_robust=None, chunks_done=0, wall_time_s=wall_before + time.time() - t0)
-            save(state)
-            bar.update(1)
-        bar.close()
-        if world.is_main:
-            checks.check_square_sr(state["per_attack"], logger=pa.logger)
-
-    per_attack = {"clean": state["per_attack"]["clean"]}
-    per_attack.update({a: state["per_attack"][a] for a in aa.attacks})
-    return attacks.AutoAttackResult(
-        clean_acc=per_attack["clean"], robust_acc=robust.sum().item() / n, per_attack_robust_acc=per_attack,
-        n_examples=n, version=aa.label, attacks=list(aa.attacks), eps=aa.eps, norm=aa.norm,
-        clean_correct=state["clean_correct"].clone(), robust_correct=robust.clone(),
-        wall_time_s=state["wall_time_s"], broken_by=broken_by.clone())

@@ -1,7 +1,7 @@
 """torchrun/DDP training and sharded AutoAttack, on CPU with gloo and 2 processes spawned by the tests.
 
 A spawned process joins a gloo group on a free port (what torchrun does) and calls the real
-``trainers.train`` or ``distributed.sharded_autoattack``; results come back through a report folder
+``trainers.train`` or ``distributed.autoattack`` (AutoAttack shared out over the ranks); results come back through a report folder
 next to the run folders, never inside them. The last tests launch the real CLI under torchrun.
 """
 from __future__ import annotations
@@ -283,7 +283,7 @@ def _aa_worker(rank, weights, x, y, report: Path, state_path, die_on_call: int):
             return real(*args)
 
         attacks._run_attack = dying
-    torch.save(distributed.sharded_autoattack(make_aa(model, state_path), x, y), report / f"rank{rank}.pt")
+    torch.save(distributed.autoattack(make_aa(model, state_path), x, y), report / f"rank{rank}.pt")
 
 
 def same_points(a, b):
