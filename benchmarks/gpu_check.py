@@ -16,14 +16,16 @@ Sections, in this order; each writes one file into --out, and summary.md / summa
               256 on CIFAR-shaped synthetic data, advgkl (eager) against the reference-style baseline of
               benchmarks/bench_train_step.py; MFU against the bf16 peak.
   data        BatchLoader images/s (CIFAR-shaped uint8, crop + flip) against what the fastest step consumes.
-  ddp         world-size-1 DDP: `torchrun --nproc_per_node 1 -m advgkl train` against plain `advgkl train`.
   profile     the 10 kernels with the most device time in WRN-34-10 GKL-AT steps (torch.profiler).
+  ddp         world-size-1 DDP: `torchrun --nproc_per_node 1 -m advgkl train` against plain `advgkl train`.
   autoattack  WRN-34-10 standard AutoAttack, advgkl against plain pyautoattack on the same 1,000 points.
               The weights come from a short plain training on synthetic data: a timing, not a robustness
               number.
   compile     the step section's WRN-34-10 GKL-AT batch-128 case with torch.compile, appended to step.txt
               (last: compiling WRN-34-10 takes minutes).
-A section that would start with less time left than it needs (--budget-s) is skipped and says so.
+A section that would start with less time left than it needs (--budget-s) is skipped and says so; the
+summary files are rewritten after every section, so a run killed at its time limit keeps what it measured.
+Skipped sections run in a second call: --sections autoattack compile.
 Exit status 1 when a section raised; missed targets are reported, not failures.
 """
 from __future__ import annotations
@@ -361,13 +363,14 @@ def section_autoattack(ctx) -> dict:
     return out
 
 
-SECTIONS = {"e2e": section_e2e, "step": section_step, "data": section_data, "ddp": section_ddp,
-            "profile": section_profile, "autoattack": section_autoattack, "compile": section_compile}
+# in order of value per second: a run that hits the budget skips the last ones (rerun them with --sections)
+SECTIONS = {"e2e": section_e2e, "step": section_step, "data": section_data, "profile": section_profile,
+            "ddp": section_ddp, "autoattack": section_autoattack, "compile": section_compile}
 
 SIZES = {
     "full": {
-        "e2e_points": 500, "e2e_overrides": [], "needs": {"e2e": 120, "step": 90, "data": 10, "ddp": 60,
-                                                          "profile": 20, "autoattack": 120, "compile": 150},
+        "e2e_points": 500, "e2e_overrides": [], "needs": {"e2e": 150, "step": 90, "data": 10, "profile": 20,
+                                                          "ddp": 60, "autoattack": 240, "compile": 150},
         "step_cases": [("step_wrn_gkl", "wrn_34_10", "gkl_at", [128, 256]),
                        ("step_preact_pgd", "preact_resnet18", "pgd_at", [128, 256])],
         "step_warmup": 2, "step_repeats": 5, "compile_case": ("wrn_34_10", "gkl_at", 128),
@@ -424,7 +427,7 @@ def environment(device) -> dict:
             "commit": commit or "unknown", "threads": torch.get_num_threads()}
 
 
-def write_summary(ctx, env: dict, results: dict, statuses: dict, smoke: bool) -> None:
+def write_summary(ctx, env: dict, results: dict, statuses: dict, smoke: bool, quiet: bool = False) -> None:
     lines = [f"# GPU check{' (SMOKE: toy sizes, not a measurement)' if smoke else ''}", "",
              f"chip {env['chip']}, {env['date']}, torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}, "
              f"commit {env['commit']}", "",
@@ -438,7 +441,8 @@ def write_summary(ctx, env: dict, results: dict, statuses: dict, smoke: bool) ->
         {"environment": env, "smoke": smoke, "sections": {k: {"status": s, "seconds": t} for k, (s, t) in statuses.items()},
          "checks": [{"check": k, "measured": m, "target": TARGETS[k], "met": p} for k, m, p in ctx.rows],
          "results": results}, indent=1, default=str))
-    print("\n".join(lines), flush=True)
+    if not quiet:
+        print("\n".join(lines), flush=True)
 
 
 def main(argv=None) -> int:
@@ -498,6 +502,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        write_summary(ctx, env, results, statuses, args.smoke, quiet=True)  # a killed run keeps what it had
     write_summary(ctx, env, results, statuses, args.smoke)
     if scratch is not None:
         scratch.cleanup()

@@ -59,7 +59,7 @@ def test_gpu_check_smoke_runs_every_section(prepared, tmp_path):
                      "summary.md"]  # at most 8 result files, one folder: what the device tool brings back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and all(s["status"] == "ran" for s in summary["sections"].values()), summary["sections"]
-    assert list(summary["sections"]) == ["e2e", "step", "data", "ddp", "profile", "autoattack", "compile"]
+    assert list(summary["sections"]) == ["e2e", "step", "data", "profile", "ddp", "autoattack", "compile"]
     env_ = summary["environment"]
     assert env_["chip"].startswith("cpu") and env_["torch"] and env_["commit"] != "unknown"
     results = summary["results"]
