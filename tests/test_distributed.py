@@ -487,6 +487,27 @@ def test_group_helpers_pass_bugs_through_and_sharded_autoattack_checks_its_input
             f"AutoAttack state {tmp_path / 'aa_state.pt'} belongs to a different evaluation (")
 
 
+def test_two_ranks_resume_a_one_process_checkpoint_with_a_note(fmnist_root, tmp_path, capfd):
+    """Another number of processes on resume: data order and weights continue, the random starts cannot."""
+    over = ["optim.epochs=2"]
+    one = tmp_path / "run"
+    cfg = cfg_for(fmnist_root, *over)
+    real = trainers._checkpoint
+    try:  # one process stops after epoch 1's checkpoint
+        trainers._checkpoint = lambda *a, **kw: (real(*a, **kw), (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            trainers.train(cfg, one)
+    finally:
+        trainers._checkpoint = real
+    assert load_checkpoint(one / "checkpoints" / "last.pt")["rng_ranks"] is None  # written by one process
+    spawn(_resume_worker, fmnist_root, tmp_path, over)
+    out = capfd.readouterr().out
+    assert "resumed from" in out and "at epoch 1, batch 0" in out
+    assert ("note: the checkpoint was written by 1 process(es), this job has 2: data order and weights "
+            "continue exactly, the attacks' random starts do not") in out
+    assert load_checkpoint(one / "checkpoints" / "final.pt")["epoch"] == 2
+
+
 def _hang_worker(rank, report: Path):
     group = dist.new_group(timeout=datetime.timedelta(seconds=2))
     if rank == 1:  # hangs: never joins the collective, then leaves quietly
