@@ -7,6 +7,7 @@ code below this module trusts typed values: an unknown key, a wrong type or an i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -206,15 +207,20 @@ def _coerce(key: str, value, typ):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FRACTION.match(value):
+            number = float(value)
+        elif isinstance(value, str) and _FRACTION.match(value):
             num, den = map(float, _FRACTION.match(value).groups())
             if den == 0:
                 raise UserError(f"{key}: division by zero in {value!r}")
-            return num / den
-        if isinstance(value, str) and _EXPONENT.match(value):  # PyYAML reads 5e-4 (no dot) as a string
-            return float(value)
+            number = num / den
+        elif isinstance(value, str) and _EXPONENT.match(value):  # PyYAML reads 5e-4 (no dot) as a string
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # NaN passes every range check below: refuse it here
+                raise UserError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value

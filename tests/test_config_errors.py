@@ -213,3 +213,13 @@ def test_cli_works_without_the_robustbench_commands(tmp_path, capsys, monkeypatc
     missing = tmp_path / "nope.yaml"
     assert cli.main(["train", str(missing)]) == 2  # train and eval keep working
     assert capsys.readouterr().err == f"advgkl train: error: recipe {missing} does not exist\n"
+
+
+@pytest.mark.parametrize("override,shown", [
+    ("optim.lr=.nan", "nan"), ("attack.eps=.inf", "inf"), ("method.beta=-.inf", "-inf"),
+    ("optim.weight_decay=1e400", "'1e400'"),  # PyYAML reads it as a string; as a float it is inf
+    ("data.generated_ratio=.NaN", "nan"),
+])
+def test_nan_and_infinite_floats_are_refused(override, shown):
+    key = override.split("=")[0]
+    assert error_of(overridden, override) == f"{key}: must be a finite number, got {shown}"
