@@ -33,8 +33,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .errors import UserError
 
-__all__ = ["World", "current", "process_group", "launched", "env_rank", "local_batch_size", "autoattack",
-           "sharded_autoattack", "NullLogger"]
+__all__ = ["World", "current", "process_group", "launched", "env_rank", "local_batch_size", "NullLogger"]
 
 # What gloo and NCCL say when a peer died or hung; turned into one readable line (see process_group).
 _PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed)|timed out", re.IGNORECASE)
@@ -270,11 +269,3 @@ class NullLogger:
 
     def finish(self) -> None:
         pass
-
-
-# ------------------------------------------------------------------------------- sharded AutoAttack
-def autoattack(aa, x: torch.Tensor, y: torch.Tensor):
-    """``aa(x, y)`` (an ``attacks.AutoAttack``), with its chunks shared out when a process group is running."""
-    return aa(x, y, current())
-
-

@@ -60,7 +60,7 @@ def evaluate_model(model, cfg: Config, device, out: Path, tag: str = "final", lo
                         attacks=e.attacks if e.version == "custom" else None, batch_size=e.batch_size,
                         seed=cfg.runtime.seed, device=device, state_path=out / f"autoattack_state_{tag}.pt",
                         progress=cfg.logging.progress)
-        r = distributed.autoattack(aa, x, y)  # aa(x, y), or sharded over the ranks under torchrun
+        r = aa(x, y)  # under torchrun the ranks share AutoAttack's chunks (attacks.AutoAttack)
         result.update(clean_acc=r.clean_acc, autoattack_acc=r.robust_acc,
                       per_attack_robust_acc=r.per_attack_robust_acc, autoattack_version=r.version,
                       autoattack_attacks=r.attacks, per_point=r.to_dict()["per_point"])

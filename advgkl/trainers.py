@@ -535,7 +535,7 @@ def _train_locked(cfg: Config, out: Path, ckpt_dir: Path, last_path: Path, resum
 
     evaluations = {}
     net = ema.model if ema else model
-    # under torchrun every rank evaluates: AutoAttack's chunks are shared out (distributed.autoattack)
+    # under torchrun every rank evaluates: AutoAttack's chunks are shared out (attacks.AutoAttack)
     evaluations["ema" if ema else "final"] = evaluate.evaluate_model(net, cfg, device, out, tag="final", logger=logger)
     best_weights = None
     if world.is_main and cfg.eval.evaluate_best and (ckpt_dir / "best.pt").exists():

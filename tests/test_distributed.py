@@ -1,7 +1,7 @@
 """torchrun/DDP training and sharded AutoAttack, on CPU with gloo and 2 processes spawned by the tests.
 
 A spawned process joins a gloo group on a free port (what torchrun does) and calls the real
-``trainers.train`` or ``distributed.autoattack`` (AutoAttack shared out over the ranks); results come back through a report folder
+``trainers.train`` or ``attacks.AutoAttack`` (its chunks shared out over the ranks); results come back through a report folder
 next to the run folders, never inside them. The last tests launch the real CLI under torchrun.
 """
 from __future__ import annotations
@@ -283,7 +283,7 @@ def _aa_worker(rank, weights, x, y, report: Path, state_path, die_on_call: int):
             return real(*args)
 
         attacks._run_attack = dying
-    torch.save(distributed.autoattack(make_aa(model, state_path), x, y), report / f"rank{rank}.pt")
+    torch.save(make_aa(model, state_path)(x, y), report / f"rank{rank}.pt")
 
 
 def same_points(a, b):
@@ -458,7 +458,7 @@ def _group_errors_worker(rank, tmp: Path):
     aa = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.1, batch_size=4, progress=False)
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 10])
     try:  # sharded AutoAttack checks the labels like the single-process one, on every rank
-        distributed.autoattack(aa, x, y)
+        aa(x, y)
     except UserError as e:
         (tmp / f"labels_{rank}.txt").write_text(str(e))
     # a finished sharded evaluation is re-reported from its state; another evaluation's state is refused
@@ -467,13 +467,13 @@ def _group_errors_worker(rank, tmp: Path):
     state = tmp / "aa_state.pt"
     aa = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.1, batch_size=4, progress=False,
                     state_path=state)
-    first = distributed.autoattack(aa, x, y)
-    again = distributed.autoattack(aa, x, y)
+    first = aa(x, y)
+    again = aa(x, y)
     assert torch.equal(again.robust_correct, first.robust_correct) and again.robust_acc == first.robust_acc
     other = AutoAttack(model, version="custom", attacks=["apgd-ce"], eps=0.2, batch_size=4, progress=False,
                        state_path=state)
     try:
-        distributed.autoattack(other, x, y)
+        other(x, y)
     except UserError as e:
         (tmp / f"state_{rank}.txt").write_text(str(e))
 
