@@ -1,7 +1,7 @@
 """Losses as pure functions of logits, plus the class-prior state GKL-AT keeps between epochs.
 
 Shapes: logits are ``[B, C]`` floats, labels ``[B]`` int64. Every loss returns a scalar.
-Naming follows the spec (../shared/GKL_SPEC.md): ``student`` is the adversarial branch in adversarial
+Naming follows the GKL papers (Cui et al., README): ``student`` is the adversarial branch in adversarial
 training and the student network in distillation; ``teacher`` is the natural branch / frozen teacher.
 
 KL, DKL and GKL are points of one family:

@@ -25,9 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 64
-FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                "t10k-labels-idx1-ubyte.gz")
 # (distribution, version when this venv lacks it): what the GPU image does not have
 WHEELS = (("pyautoattack", "0.2.0"), ("robustbench", "1.1.1"), ("gdown", "5.1.0"), ("geotorch", "0.4.0"))
 PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:"] + [
@@ -77,13 +74,16 @@ def slim_wheel(path: Path, drop_prefix: str) -> None:
 
 
 def copy_fmnist(folder: Path) -> None:
+    from advgkl.data import _IDX, FMNIST_SYSTEM_DIR  # the files advgkl reads, where Debian puts them
+
+    files = [f"{stem}.gz" for pair in _IDX.values() for stem in pair]
     raw = folder / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    missing = [f for f in FMNIST_FILES if not (FMNIST_SYSTEM_DIR / f).is_file()]
+    missing = [f for f in files if not (FMNIST_SYSTEM_DIR / f).is_file()]
     if missing:
         sys.exit(f"gpu-prep: Fashion-MNIST is missing in {FMNIST_SYSTEM_DIR} ({', '.join(missing)}); "
                  "run `make fmnist` (Debian package dataset-fashion-mnist)")
-    for f in FMNIST_FILES:
+    for f in files:
         if not (raw / f).is_file() or (raw / f).stat().st_size != (FMNIST_SYSTEM_DIR / f).stat().st_size:
             shutil.copyfile(FMNIST_SYSTEM_DIR / f, raw / f)
 

@@ -129,8 +129,8 @@ def test_a_run_folder_locked_by_another_job_is_refused_until_it_ends(tmp_path):
     finally:
         other.stdin.close()
         other.wait(timeout=10)
-    with RunLock(run):  # the other job ended: its lock went with it
-        pass
+    with RunLock(run) as held:  # the other job ended: its lock went with it
+        assert held.path == run / ".lock"
 
 
 def test_two_locks_on_one_folder_in_one_process_also_exclude_each_other(tmp_path):
@@ -138,5 +138,5 @@ def test_two_locks_on_one_folder_in_one_process_also_exclude_each_other(tmp_path
         assert held.path == tmp_path / "new" / "run" / ".lock"
         with pytest.raises(UserError, match="is in use by another advgkl job"):
             RunLock(tmp_path / "new" / "run").__enter__()
-    with RunLock(tmp_path / "new" / "run"):
-        pass
+    with RunLock(tmp_path / "new" / "run") as again:  # released on exit: the folder can be locked again
+        assert again.path == held.path

@@ -196,7 +196,7 @@ def check_02_fmnist_study(r: dict, seconds: float) -> None:
     assert r["summary_csv"] in ("absent", "consistent"), r["summary_csv"]
 
 
-GKL_ENTRIES = {  # shared/GKL_SPEC.md §4: (dataset, RobustBench name) -> (clean %, AutoAttack %)
+GKL_ENTRIES = {  # the published numbers (docs/robustbench.md): (dataset, RobustBench name) -> (clean %, AutoAttack %)
     ("cifar10", "Cui2023Decoupled_WRN-34-10"): (85.31, 57.09),
     ("cifar10", "Cui2023Decoupled_WRN-28-10"): (92.16, 67.73),
     ("cifar100", "Cui2023Decoupled_WRN-34-10"): (65.76, 31.91),
