@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup fmnist test demo bench gpu-prep gpu-check clean
+.PHONY: setup fmnist test demo bench notebooks gpu-prep gpu-check clean
 
 $(BIN)/advgkl: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ demo: setup fmnist
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --smoke || exit 1; done
+
+# The notebooks' only source is notebooks/NN_*.py (jupytext percent format). This builds notebooks/NN_*.ipynb
+# (git ignores them) and executes them in place, outputs included, to read in Jupyter;
+# `ADVGKL_WRITE_FIGURES=1 make notebooks` also rewrites the study's summary.md and summary.png.
+NOTEBOOK_SRC = $(wildcard notebooks/[0-9][0-9]_*.py)
+
+notebooks: setup fmnist
+	$(BIN)/jupytext --to ipynb --set-kernel python3 $(NOTEBOOK_SRC)
+	$(BIN)/jupyter execute --inplace $(NOTEBOOK_SRC:.py=.ipynb)
 
 # The GPU check (docs/gpu.md). gpu-prep, on a machine with network: the wheels and data the GPU machine
 # lacks, into .gpu/; it prints the size that must travel. gpu-check: on the GPU machine (plain python3

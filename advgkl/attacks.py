@@ -284,6 +284,36 @@ class FGSM(PGD):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The training attack, ``attack.name`` in a recipe: name -> factory(settings, *, objective, random_start,
+# amp_dtype) -> attack, where ``settings`` has eps, steps and norm (``config.AttackConfig``). The trainer
+# calls the attack as ``atk(model, x, y, eps=..., step_size=..., nat_logits=...)``.
+TRAINING_ATTACKS: dict[str, Callable] = {}
+
+
+def register_training_attack(name: str):
+    """Function decorator adding a training attack factory under ``name``."""
+
+    def add(factory):
+        if name in TRAINING_ATTACKS:
+            raise ValueError(f"training attack {name!r} is already registered")
+        TRAINING_ATTACKS[name] = factory
+        return factory
+
+    return add
+
+
+@register_training_attack("pgd")
+def _training_pgd(settings, **kw) -> PGD:
+    return PGD(eps=settings.eps, steps=settings.steps, norm=settings.norm, **kw)
+
+
+@register_training_attack("fgsm")
+def _training_fgsm(settings, **kw) -> FGSM:
+    """One step whatever attack.steps says (FGSM-RS with a random start, Wong et al. 2020)."""
+    return FGSM(eps=settings.eps, norm=settings.norm, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
 # AutoAttack (Croce & Hein, 2020) driven attack by attack through pyautoattack's attack objects.
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -492,8 +522,8 @@ class AutoAttack:
                             + "; ".join(diff) + "); delete it or pass another state_path")
         return state
 
-    def _save(self, state: dict) -> None:
-        if self.state_path is not None:
+    def _save(self, state: dict, world: "distributed.World") -> None:
+        if self.state_path is not None and world.is_main:  # rank 0 alone writes the state
             atomic_torch_save(state, self.state_path)  # a kill mid-write leaves the previous state
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, world: "distributed.World | None" = None) -> AutoAttackResult:
@@ -513,94 +543,124 @@ class AutoAttack:
         world = world or distributed.current()
         self._check_inputs(x, y)
         t0 = time.time()
-        model, dev, n, bs = self.model, self.device, x.shape[0], self.batch_size
+        dev = self.device
         x = x.detach().float()
-        save = self._save if world.is_main else (lambda state: None)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(eval_mode(model))
-            stack.enter_context(_fp32_frozen(model, self.allow_tf32))
+            stack.enter_context(eval_mode(self.model))
+            stack.enter_context(_fp32_frozen(self.model, self.allow_tf32))
             stack.enter_context(torch.autocast(dev.type, enabled=False))  # AutoAttack is always fp32
             stack.enter_context(torch.no_grad())  # as pyautoattack; its attacks enable grad where needed
             # pyautoattack calls torch.manual_seed per chunk: keep the caller's RNG stream untouched
             stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
 
-            n_classes = model(x[:1].to(dev)).shape[-1]
-            if int(y.min()) < 0 or int(y.max()) >= n_classes:
-                raise UserError(f"labels must lie in [0, {n_classes - 1}] (the model has {n_classes} outputs); "
-                                f"got [{int(y.min())}, {int(y.max())}]")
-            fingerprint, state, error = self._fingerprint(x, y), None, None
-            if world.is_main:
-                try:
-                    state = self._load_state(fingerprint)
-                except UserError as e:
-                    error = e
-            world.agree(error)
-            state = world.broadcast(state)
-            if state is None:
-                state = {"format": _STATE_FORMAT, "fingerprint": fingerprint, "clean_correct": None,
-                         "robust": None, "broken_by": None, "per_attack": {}, "current": None,
-                         "start_robust": None, "chunks_done": 0, "done": [], "wall_time_s": 0.0}
-            wall_before = state["wall_time_s"]
+            n_classes = self._n_classes(x, y)
+            state = self._initial_state(x, y, world)
+            wall_before = state["wall_time_s"]  # the time of the runs this one resumes
             aa = self.pyautoattack(n_classes)
-            yc = y.cpu()
-
             if state["clean_correct"] is None:
-                if world.is_main:  # pyautoattack's sanity warnings, once
-                    chunk0 = x[:bs].to(dev)
-                    checks.check_randomized(model, chunk0, y[:bs].to(dev), bs=bs, logger=aa.logger)
-                    checks.check_range_output(model, chunk0, logger=aa.logger)
-                clean = torch.zeros(n, dtype=torch.bool)
-                for c, i in enumerate(range(0, n, bs)):
-                    if c % world.size == world.rank:
-                        clean[i:i + bs] = model(x[i:i + bs].to(dev)).max(dim=1)[1].cpu() == yc[i:i + bs]
-                clean = world.any(clean)
-                state.update(clean_correct=clean, robust=clean.clone(),
-                             broken_by=torch.where(clean, -1, 0).to(torch.int8))
-                state["per_attack"]["clean"] = clean.sum().item() / n
-                save(state)
-            robust, broken_by = state["robust"], state["broken_by"]
+                self._clean_pass(x, y, state, aa, world)
 
             bar = tqdm(total=len(self.attacks), desc="AutoAttack", unit="attack",
                        disable=not (self.progress and world.is_main))
             for k, name in enumerate(self.attacks):
-                if name in state["per_attack"]:
+                if name in state["per_attack"]:  # finished before a resume
                     bar.update(1)
                     continue
-                if state["current"] != name:  # chunks are fixed by the robust set when the attack starts
-                    state.update(current=name, start_robust=robust.clone(), chunks_done=0)
-                # split() of an empty index still yields one empty chunk: nothing robust, nothing to attack
-                chunks = [c for c in state["start_robust"].nonzero().flatten().split(bs) if len(c)]
-                for first in range(state["chunks_done"], len(chunks), world.size):
-                    c = first + world.rank  # this rank's chunk of the round; one process: every chunk in turn
-                    broken = torch.zeros(n, dtype=torch.bool)
-                    if c < len(chunks):
-                        idx = chunks[c]
-                        adv = _run_attack(aa, name, x[idx].to(dev), y[idx].to(dev))
-                        broken[idx[model(adv).max(dim=1)[1].cpu() != yc[idx]]] = True
-                    broken = world.any(broken)
-                    robust[broken] = False
-                    broken_by[broken] = k + 1
-                    done = min(first + world.size, len(chunks))
-                    state["done"] += [[name, j] for j in range(first, done)]
-                    state.update(chunks_done=done, wall_time_s=wall_before + time.time() - t0)
-                    save(state)
-                    bar.set_postfix_str(f"{name} chunk {done}/{len(chunks)} robust {robust.float().mean():.2%}")
-                state["per_attack"][name] = robust.sum().item() / n
-                state.update(current=None, start_robust=None, chunks_done=0,
-                             wall_time_s=wall_before + time.time() - t0)
-                save(state)
-                bar.update(1)
-                if self.verbose and world.is_main:
-                    print(f"AutoAttack {name}: robust accuracy {state['per_attack'][name]:.2%} "
-                          f"({state['wall_time_s']:.1f} s)", flush=True)
+                self._attack(k, name, x, y, state, aa, world, bar, lambda: wall_before + time.time() - t0)
             bar.close()
             if world.is_main:
                 checks.check_square_sr(state["per_attack"], logger=aa.logger)
+        return self._result(state, x.shape[0])
 
+    def _n_classes(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """The model's number of outputs, after checking that the labels ``y`` fit it."""
+        n_classes = self.model(x[:1].to(self.device)).shape[-1]
+        if int(y.min()) < 0 or int(y.max()) >= n_classes:
+            raise UserError(f"labels must lie in [0, {n_classes - 1}] (the model has {n_classes} outputs); "
+                            f"got [{int(y.min())}, {int(y.max())}]")
+        return n_classes
+
+    def _initial_state(self, x: torch.Tensor, y: torch.Tensor, world: "distributed.World") -> dict:
+        """The state rank 0 loads from ``state_path``, on every rank, or a fresh one.
+
+        A state of another evaluation raises its UserError on every rank (``world.agree``).
+        """
+        fingerprint, state, error = self._fingerprint(x, y), None, None
+        if world.is_main:
+            try:
+                state = self._load_state(fingerprint)
+            except UserError as e:
+                error = e
+        world.agree(error)
+        state = world.broadcast(state)
+        if state is None:
+            state = {"format": _STATE_FORMAT, "fingerprint": fingerprint, "clean_correct": None,
+                     "robust": None, "broken_by": None, "per_attack": {}, "current": None,
+                     "start_robust": None, "chunks_done": 0, "done": [], "wall_time_s": 0.0}
+        return state
+
+    def _clean_pass(self, x: torch.Tensor, y: torch.Tensor, state: dict, aa, world: "distributed.World") -> None:
+        """Clean accuracy into ``state`` (chunk c on rank c % size), saved; everything robust so far."""
+        from pyautoattack import checks
+
+        model, dev, n, bs = self.model, self.device, x.shape[0], self.batch_size
+        if world.is_main:  # pyautoattack's sanity warnings, once
+            chunk0 = x[:bs].to(dev)
+            checks.check_randomized(model, chunk0, y[:bs].to(dev), bs=bs, logger=aa.logger)
+            checks.check_range_output(model, chunk0, logger=aa.logger)
+        yc = y.cpu()
+        clean = torch.zeros(n, dtype=torch.bool)
+        for c, i in enumerate(range(0, n, bs)):
+            if c % world.size == world.rank:
+                clean[i:i + bs] = model(x[i:i + bs].to(dev)).max(dim=1)[1].cpu() == yc[i:i + bs]
+        clean = world.any(clean)
+        state.update(clean_correct=clean, robust=clean.clone(),
+                     broken_by=torch.where(clean, -1, 0).to(torch.int8))
+        state["per_attack"]["clean"] = clean.sum().item() / n
+        self._save(state, world)
+
+    def _attack(self, k: int, name: str, x: torch.Tensor, y: torch.Tensor, state: dict, aa,
+                world: "distributed.World", bar, wall_time: Callable[[], float]) -> None:
+        """Attack ``name`` (``attacks[k]``) on the points robust when it started, resuming ``state["current"]``.
+
+        Round by round (rank r attacks chunk ``first + r``), each merged over ranks and saved.
+        """
+        model, dev, n, bs = self.model, self.device, x.shape[0], self.batch_size
+        robust, broken_by, yc = state["robust"], state["broken_by"], y.cpu()
+        if state["current"] != name:  # chunks are fixed by the robust set when the attack starts
+            state.update(current=name, start_robust=robust.clone(), chunks_done=0)
+        # split() of an empty index still yields one empty chunk: nothing robust, nothing to attack
+        chunks = [c for c in state["start_robust"].nonzero().flatten().split(bs) if len(c)]
+        for first in range(state["chunks_done"], len(chunks), world.size):
+            c = first + world.rank  # this rank's chunk of the round; one process: every chunk in turn
+            broken = torch.zeros(n, dtype=torch.bool)
+            if c < len(chunks):
+                idx = chunks[c]
+                adv = _run_attack(aa, name, x[idx].to(dev), y[idx].to(dev))
+                broken[idx[model(adv).max(dim=1)[1].cpu() != yc[idx]]] = True
+            broken = world.any(broken)
+            robust[broken] = False
+            broken_by[broken] = k + 1
+            done = min(first + world.size, len(chunks))
+            state["done"] += [[name, j] for j in range(first, done)]
+            state.update(chunks_done=done, wall_time_s=wall_time())
+            self._save(state, world)
+            bar.set_postfix_str(f"{name} chunk {done}/{len(chunks)} robust {robust.float().mean():.2%}")
+        state["per_attack"][name] = robust.sum().item() / n
+        state.update(current=None, start_robust=None, chunks_done=0, wall_time_s=wall_time())
+        self._save(state, world)
+        bar.update(1)
+        if self.verbose and world.is_main:
+            print(f"AutoAttack {name}: robust accuracy {state['per_attack'][name]:.2%} "
+                  f"({state['wall_time_s']:.1f} s)", flush=True)
+
+    def _result(self, state: dict, n: int) -> AutoAttackResult:
+        """The result of a finished ``state`` over ``n`` points; tensors are copies."""
+        robust = state["robust"]
         per_attack = {"clean": state["per_attack"]["clean"]}
         per_attack.update({a: state["per_attack"][a] for a in self.attacks})
         return AutoAttackResult(
             clean_acc=per_attack["clean"], robust_acc=robust.sum().item() / n, per_attack_robust_acc=per_attack,
             n_examples=n, version=self.label, attacks=list(self.attacks), eps=self.eps, norm=self.norm,
             clean_correct=state["clean_correct"].clone(), robust_correct=robust.clone(),
-            wall_time_s=state["wall_time_s"], broken_by=broken_by.clone())
+            wall_time_s=state["wall_time_s"], broken_by=state["broken_by"].clone())

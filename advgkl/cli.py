@@ -39,6 +39,9 @@ def _eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .attacks import AA_VERSIONS
+    from .logging import WANDB_MODES
+
     parser = argparse.ArgumentParser(prog="advgkl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", help="output folder (default <run>/eval_<checkpoint>)")
     p.add_argument("--n-examples", type=int, help="first N test points (0 = all)")
-    p.add_argument("--version", choices=["standard", "plus", "custom", "fast", "none"])
+    p.add_argument("--version", choices=[*AA_VERSIONS, "none"])
     p.add_argument("--attacks", nargs="+", help="with --version custom, e.g. apgd-ce apgd-t")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's data.root)")
-    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
+    p.add_argument("--wandb", default="offline", choices=WANDB_MODES)
     p.set_defaults(func=_eval)
 
     try:

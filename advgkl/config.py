@@ -6,6 +6,7 @@ code below this module trusts typed values: an unknown key, a wrong type or an i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from .attacks import AA_VERSIONS, NORMS, TRAINING_ATTACKS
+from .data import AUGMENTATIONS, DATASETS
 from .errors import UserError
-
-METHODS = ("standard", "pgd_at", "trades", "mart", "gkl_at", "gkl_kd")
-ADVERSARIAL_METHODS = ("pgd_at", "trades", "mart", "gkl_at")
+from .logging import WANDB_MODES
+from .methods import METHODS, MethodOptions, get_method
+from .models import check_options, list_models
 
 
 @dataclass
@@ -37,38 +40,24 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
+    kwargs: typing.Dict[str, typing.Any] = field(default_factory=dict)  # to the model's constructor
 
 
-@dataclass
-class MethodConfig:
-    name: str = "gkl_at"
-    beta: float = 6.0  # weight of the robustness term (TRADES/MART beta, GKL beta on wMSE)
-    alpha: float = 1.0  # GKL weight of the soft-label CE
-    gamma: float = 1.0  # GKL exponent on the class-prior weights
-    prior_temperature: float = 4.0  # T_prior of the class prior
-    weights: str = "prior"  # GKL pair weights: class prior (GI) or per-sample softmax of the teacher
-    symmetric: bool = True  # GKL wMSE into both branches (True) or teacher only as in KL/DKL (False)
-    label_smoothing: float = 0.0  # standard and pgd_at only
-    # knowledge distillation (gkl_kd)
-    teacher: str = ""  # advgkl checkpoint path, or robustbench:NAME
-    kd_loss: str = "gkl"  # gkl | kl (ARD-style)
-    kd_temperature: float = 1.0  # T2 of the per-sample teacher weights
-    kd_adversarial: bool = False  # distil on adversarial inputs (robust distillation)
-    kd_warmup_epochs: float = 0.0  # the KD term's weight ramps linearly from 0 to 1 over these epochs
-    ce_weight: float = 1.0
+def _default_method() -> MethodOptions:
+    return METHODS["gkl_at"].Options(name="gkl_at")
 
 
 @dataclass
 class AttackConfig:
     """The training-time attack (evaluation uses AutoAttack, configured under ``eval``)."""
 
+    name: str = "pgd"  # advgkl.attacks.TRAINING_ATTACKS
     norm: str = "Linf"
     eps: float = 0.1
     steps: int = 5
-    step_size: float = 0.0  # 0 = method default (eps/2 for gkl_at, 2.5*eps/steps otherwise)
+    step_size: float = 0.0  # 0 = the method's default (advgkl.methods), else the attack's own
     eps_schedule: str = "constant"  # linear: eps_t = eps * epoch / epochs (GKL-AT recipe)
-    random_start: str = "auto"  # auto = normal(0.001) for gkl_at/trades, uniform otherwise
-    objective_beta: float = 0.0  # GKL attack objective beta (0 for CIFAR-10, 1 for CIFAR-100)
+    random_start: str = "auto"  # auto = the method's default (advgkl.methods)
 
 
 @dataclass
@@ -144,7 +133,7 @@ class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodOptions = field(default_factory=_default_method)  # its fields depend on method.name
     attack: AttackConfig = field(default_factory=AttackConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     awp: AWPConfig = field(default_factory=AWPConfig)
@@ -157,34 +146,44 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Allowed values of enumerated string fields; the model/dataset names come from their registries.
+# Allowed values of the enumerated string fields that no registry holds.
 CHOICES = {
-    "data.augment": ("none", "crop_flip", "autoaugment"),
-    "method.name": METHODS,
-    "method.weights": ("prior", "sample"),
-    "method.kd_loss": ("gkl", "kl"),
-    "attack.norm": ("Linf", "L2"),
     "attack.eps_schedule": ("constant", "linear"),
     "attack.random_start": ("auto", "uniform", "normal", "none"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine", "step", "onecycle"),
-    "eval.version": ("standard", "plus", "custom", "fast", "none"),
-    "logging.wandb": ("offline", "online", "disabled"),
     # no fp16: it needs loss scaling (loss, AWP's proxy, the attack's input gradients); bf16 does not
     "runtime.amp": ("auto", "none", "bf16"),
     "runtime.channels_last": ("auto", "on", "off"),
     "runtime.resume": ("never", "auto"),
 }
-NON_NEGATIVE = {
-    "data.subset", "data.val_size", "data.generated_ratio", "method.beta", "method.alpha",
-    "method.gamma", "method.label_smoothing", "method.kd_warmup_epochs", "method.ce_weight",
-    "attack.eps", "attack.steps", "attack.step_size", "attack.objective_beta", "optim.lr",
+
+
+def choices() -> dict[str, tuple]:
+    """Allowed values of every enumerated string field, read from the registries when called, so that a
+    model, method or training attack registered after this import is a valid choice."""
+    return {
+        "data.dataset": tuple(sorted(DATASETS)),
+        "data.augment": AUGMENTATIONS,
+        "model.name": tuple(list_models()),
+        "method.name": tuple(METHODS),
+        "attack.name": tuple(TRAINING_ATTACKS),
+        "attack.norm": NORMS,
+        "eval.version": (*AA_VERSIONS, "none"),
+        "logging.wandb": WANDB_MODES,
+        **CHOICES,
+    }
+
+
+NON_NEGATIVE = {  # the method's own options check themselves (advgkl.methods)
+    "data.subset", "data.val_size", "data.generated_ratio",
+    "attack.eps", "attack.steps", "attack.step_size", "optim.lr",
     "optim.momentum", "optim.weight_decay", "optim.grad_clip", "optim.warmup_epochs", "awp.gamma",
     "awp.warmup_epochs", "ema.start_epoch", "eval.n_examples", "eval.eps", "runtime.seed", "runtime.threads",
     "runtime.checkpoint_every_steps",
 }
 POSITIVE = {
-    "data.batch_size", "data.image_size", "method.prior_temperature", "method.kd_temperature",
+    "data.batch_size", "data.image_size",
     "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
     "runtime.checkpoint_every", "runtime.dist_timeout_s",
 }
@@ -195,6 +194,10 @@ _FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 def _coerce(key: str, value, typ):
     """Check ``value`` against the field type; accept ints for floats and 'a/b' for floats (8/255)."""
     origin = typing.get_origin(typ)
+    if origin is dict:  # model.kwargs: names to YAML scalars or lists; the model checks the names
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{key}: expected a mapping of option names to values, got {value!r}")
+        return dict(value)
     if origin in (list, typing.List):
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):
@@ -234,15 +237,18 @@ def _build(cls, raw: dict, prefix: str):
         raise UserError(f"{prefix or 'recipe'}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
-        where = prefix or "top level"
+        where = f"method {raw.get('name', 'gkl_at')}" if issubclass(cls, MethodOptions) else prefix or "top level"
         raise UserError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
                         f"allowed keys: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
         typ = hints[name]
+        if typ is MethodOptions and isinstance(value, (dict, type(None))):  # options of method.name's class
+            value = {"name": "gkl_at", **(value or {})}
+            typ = get_method(_coerce(f"{key}.name", value["name"], str)).Options
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, value if value is not None else {}, key)
         else:
@@ -251,11 +257,8 @@ def _build(cls, raw: dict, prefix: str):
 
 
 def _validate(cfg: Config) -> None:
-    from .data import DATASETS
-    from .models import list_models
-
     flat = _flatten(cfg.to_dict())
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
     for key in NON_NEGATIVE:
@@ -264,25 +267,22 @@ def _validate(cfg: Config) -> None:
     for key in POSITIVE:
         if flat[key] <= 0:
             raise UserError(f"{key}: must be > 0, got {flat[key]}")
-    if cfg.data.dataset not in DATASETS:
-        raise UserError(f"data.dataset: {cfg.data.dataset!r} is not one of {', '.join(sorted(DATASETS))}")
-    if cfg.model.name not in list_models():
-        raise UserError(f"model.name: {cfg.model.name!r} is not one of {', '.join(list_models())}")
+    cfg.method.check()
+    _validate_relations(cfg)
+
+
+def _validate_relations(cfg: Config) -> None:
+    """Checks that involve more than one value."""
+    check_options(cfg.model.name, cfg.model.kwargs)
+    method = get_method(cfg.method.name)
+    if method.adversarial(cfg.method) and (cfg.attack.eps <= 0 or cfg.attack.steps <= 0):
+        raise UserError(f"method {cfg.method.name} needs attack.eps > 0 and attack.steps > 0")
+    if cfg.awp.enabled and not method.adversarial(cfg.method):
+        raise UserError(f"awp.enabled needs an adversarial method; {cfg.method.name} trains on clean inputs")
     if cfg.data.generated_ratio >= 1:
         raise UserError(f"data.generated_ratio: must be in [0, 1), got {cfg.data.generated_ratio}")
     if cfg.data.generated_ratio > 0 and not cfg.data.generated:
         raise UserError("data.generated_ratio > 0 needs data.generated (path to an .npz file)")
-    if cfg.method.label_smoothing >= 1:
-        raise UserError(f"method.label_smoothing: must be in [0, 1), got {cfg.method.label_smoothing}")
-    if cfg.method.label_smoothing > 0 and cfg.method.name not in ("standard", "pgd_at"):
-        raise UserError("method.label_smoothing is supported by methods standard and pgd_at only")
-    if cfg.method.name == "gkl_kd" and not cfg.method.teacher:
-        raise UserError("method.teacher: gkl_kd needs a teacher (checkpoint path or robustbench:NAME)")
-    if cfg.method.name in ADVERSARIAL_METHODS or cfg.method.kd_adversarial:
-        if cfg.attack.eps <= 0 or cfg.attack.steps <= 0:
-            raise UserError(f"method {cfg.method.name} needs attack.eps > 0 and attack.steps > 0")
-    if cfg.awp.enabled and cfg.method.name not in ADVERSARIAL_METHODS:
-        raise UserError(f"awp.enabled needs an adversarial method ({', '.join(ADVERSARIAL_METHODS)})")
     if not 0 < cfg.ema.decay < 1:
         raise UserError(f"ema.decay: must be in (0, 1), got {cfg.ema.decay}")
     if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.warmup_epochs > 0:
@@ -335,6 +335,23 @@ def from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw or {}, "")
     _validate(cfg)
     return cfg
+
+
+def from_saved(raw: dict) -> Config:
+    """The config stored in a checkpoint or results.json, also one written before methods had their own
+    option groups (every method then stored every method's fields, and attack.objective_beta)."""
+    raw = copy.deepcopy(raw)
+    method, attack = raw.get("method") or {}, raw.get("attack") or {}
+    objective_beta = attack.pop("objective_beta", None)
+    if method.get("name", "gkl_at") in METHODS:
+        options = METHODS[method.get("name", "gkl_at")].Options
+        fields = {f.name for f in dataclasses.fields(options)}
+        if "attack_beta" in fields and objective_beta is not None:
+            method.setdefault("attack_beta", objective_beta)
+        if "sample_temperature" in fields and "sample_temperature" not in method:
+            method["sample_temperature"] = method.get("prior_temperature", 4.0)  # it served both, then
+        raw["method"] = {k: v for k, v in method.items() if k in fields}
+    return from_dict(raw)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

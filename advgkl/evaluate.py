@@ -9,7 +9,7 @@ import torch
 from . import distributed, honesty
 from .attacks import AutoAttack
 from .checkpoint import environment_info, load_checkpoint, write_json
-from .config import Config, from_dict
+from .config import Config, from_saved
 from .data import load_dataset
 from .errors import UserError
 from .logging import RunLogger
@@ -147,7 +147,7 @@ def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size,
     if data_root is not None:
         raw["data"]["root"] = data_root
     raw["logging"]["wandb"] = wandb
-    cfg = from_dict(raw)  # validates the overrides like a recipe
+    cfg = from_saved(raw)  # validates the overrides like a recipe
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     world = distributed.current()

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+WANDB_MODES = ("offline", "online", "disabled")
+
 
 def _jsonable(v):
     if hasattr(v, "item") and callable(v.item):

@@ -1,7 +1,7 @@
 """Losses as pure functions of logits, plus the class-prior state GKL-AT keeps between epochs.
 
 Shapes: logits are ``[B, C]`` floats, labels ``[B]`` int64. Every loss returns a scalar.
-Naming follows the GKL papers (Cui et al., README): ``student`` is the adversarial branch in adversarial
+Naming follows the GKL papers (maths: docs/gkl.md): ``student`` is the adversarial branch in adversarial
 training and the student network in distillation; ``teacher`` is the natural branch / frozen teacher.
 
 KL, DKL and GKL are points of one family:
@@ -118,7 +118,7 @@ def gkl_pairwise(
     beta: float = 1.0,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """The spec's defining form of ``gkl``, building the [B, C, C] tensor: for tests and benchmarks only."""
+    """The pairwise definition of ``gkl`` (docs/gkl.md#gkl), building [B, C, C]: for tests and benchmarks only."""
     _check_logits(student, teacher)
     _check_weights(weights, student)
     w = weights.detach()

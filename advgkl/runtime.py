@@ -51,4 +51,4 @@ def build_model(cfg: Config) -> nn.Module:
     """The recipe's network for its dataset (classes, channels, normalisation), on the CPU."""
     info = dataset_info(cfg.data.dataset, root=data_root(cfg), image_size=cfg.data.image_size)
     return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.image_shape[0],
-                        mean=info.mean, std=info.std)
+                        mean=info.mean, std=info.std, **cfg.model.kwargs)

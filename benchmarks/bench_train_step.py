@@ -14,10 +14,10 @@ Variants, same initial weights:
   baseline  what reference code does: fp32 eager NCHW (cuDNN's default TF32 convolutions left on), an
             attack loop written here that recomputes the clean forward at every GKL attack step,
             pairwise GKL (`losses.gkl_pairwise`), torch.optim.SGD with its defaults.
-  advgkl    the library's path: `trainers.METHODS` loss + `attacks.PGD` (clean logits once per attack),
+  advgkl    the trainer's own step: `trainers.build_state` around the model and `trainers.train_step`
+            (the method's loss from `advgkl.methods`, `attacks.PGD` with the clean logits once per attack,
             closed-form GKL, AMP and channels_last as `runtime.amp` / `runtime.channels_last` resolve
-            (auto: bf16 + channels_last on CUDA, fp32 channels_last on CPU), `--compile`, `trainers.make_optimizer`
-            (fused SGD on CUDA).
+            (auto: bf16 + channels_last on CUDA, fp32 channels_last on CPU), `--compile`, fused SGD).
 Correctness: both variants' training loss on the same fixed (x, x_adv, y) with the initial weights must
 agree within the precision of the advgkl variant (bf16: 5e-2 relative, fp32: 1e-4); the script exits 1
 otherwise.
@@ -31,7 +31,6 @@ are redundant work, not credited. Peak memory: torch.cuda.max_memory_allocated; 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
@@ -43,15 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from advgkl import losses
-from advgkl.attacks import PGD
 from advgkl.config import Config, from_dict
 from advgkl.models import create_model, model_info
-from advgkl.runtime import amp_dtype, pick_memory_format
-from advgkl.trainers import METHODS, Context, make_optimizer
+from advgkl.runtime import amp_dtype
+from advgkl.trainers import build_state, forward_loss, step_size_at, train_step
 
 EPS = 8 / 255
 LR = 0.05  # small enough that a few steps on a random batch never blow up
-# method -> attack steps, step size, random start (the spec's GKL-AT recipe and Madry et al.'s PGD-AT)
+# method -> attack steps, step size, random start (GKL-AT's published recipe, docs/gkl.md, and Madry et al.'s PGD-AT)
 SETTINGS = {"pgd_at": (10, 2 / 255, "uniform"), "gkl_at": (5, EPS / 2, "normal")}
 GKL = dict(alpha=4.0, beta=20.0, gamma=1.0, prior_temperature=4.0)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM parts
@@ -64,7 +62,7 @@ def forward_passes(method: str) -> int:
 
 
 def attack_beta(num_classes: int) -> float:
-    return 0.0 if num_classes == 10 else 1.0  # spec section 2: beta = 0 on CIFAR-10, 1 on CIFAR-100
+    return 0.0 if num_classes == 10 else 1.0  # docs/gkl.md#attack-objective: 0 on CIFAR-10, 1 on CIFAR-100
 
 
 def sync(device: torch.device) -> None:
@@ -123,11 +121,12 @@ class BaselineStep:
 # ------------------------------------------------------------------------------------------ advgkl
 def library_config(method: str, model: str, batch: int, num_classes: int, args) -> Config:
     steps, step_size, _ = SETTINGS[method]
+    options = {**GKL, "weights": "prior", "attack_beta": attack_beta(num_classes)} if method == "gkl_at" else {}
     return from_dict({
         "data": {"dataset": "cifar10" if num_classes == 10 else "cifar100", "batch_size": batch},
         "model": {"name": model},
-        "method": {"name": method, "weights": "prior", **GKL},
-        "attack": {"eps": EPS, "steps": steps, "step_size": step_size, "objective_beta": attack_beta(num_classes)},
+        "method": {"name": method, **options},
+        "attack": {"eps": EPS, "steps": steps, "step_size": step_size},
         "optim": {"lr": LR, "momentum": 0.9, "weight_decay": 5e-4},
         "runtime": {"device": args.device, "amp": args.amp, "compile": args.compile,
                     "channels_last": args.channels_last},
@@ -135,38 +134,23 @@ def library_config(method: str, model: str, batch: int, num_classes: int, args) 
 
 
 class LibraryStep:
-    """advgkl's step, as `trainers.train` runs it: attack, loss under autocast, update, prior update."""
+    """advgkl's step: ``trainers.build_state`` around the model, then ``trainers.train_step``, the function
+    ``trainers.train`` runs (attack, loss under autocast, update, class-prior update)."""
 
     def __init__(self, model: nn.Module, cfg: Config, prior: losses.ClassPrior, device: torch.device):
-        self.cfg, self.prior = cfg, prior
-        self.dtype = amp_dtype(cfg, device)
-        rt = cfg.runtime
-        self.memory_format = pick_memory_format(self.cfg, device)
-        model = model.to(memory_format=self.memory_format)
-        self.net = torch.compile(model) if rt.compile else model
-        self.opt = make_optimizer(cfg, model, device)
-        self.loss_fn, objective_factory, start = METHODS[cfg.method.name]
-        self.ctx = Context(cfg=cfg, prior=prior)
-        self.attack = PGD(eps=cfg.attack.eps, steps=cfg.attack.steps, step_size=cfg.attack.step_size,
-                          random_start=start, objective=objective_factory(self.ctx), amp_dtype=self.dtype)
-        amp = self.dtype
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+        self.state = build_state(cfg, model, device, prior.num_classes)
+        if self.state.ctx.prior is not None:  # start from the baseline's prior rows
+            self.state.ctx.prior.prior = prior.prior.clone()
+        self.step_size = step_size_at(cfg, self.state.method, cfg.attack.eps)
 
     def loss(self, x, x_adv, y):
-        with self.autocast():
-            loss, nat, _ = self.loss_fn(self.net, x.contiguous(memory_format=self.memory_format),
-                                        x_adv.contiguous(memory_format=self.memory_format), y, self.ctx)
-        return loss.float(), nat
+        s = self.state
+        loss, nat, _ = forward_loss(s, s.nets.train, x.contiguous(memory_format=s.memory_format),
+                                    x_adv.contiguous(memory_format=s.memory_format), y)
+        return loss, nat
 
     def step(self, x, y) -> None:
-        x = x.contiguous(memory_format=self.memory_format)
-        x_adv = self.attack(self.net, x, y)
-        loss, nat = self.loss(x, x_adv, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if nat is not None:
-            self.prior.update(nat, y)
+        train_step(self.state, x, y, eps=self.state.cfg.attack.eps, step_size=self.step_size, lr=LR)
 
 
 # ------------------------------------------------------------------------------------------ timing

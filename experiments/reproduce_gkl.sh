@@ -55,7 +55,7 @@ for entry in "${ENTRIES[@]}"; do
   echo "=== $dataset $name (N=$N, AutoAttack $VERSION) -> $out"
   if $ADVGKL reproduce "$name" --dataset "$dataset" --threat-model Linf --n-examples "$N" \
       --model-dir "$MODEL_DIR" --data-dir "$DATA_DIR" --out "$out" --batch-size "$BATCH_SIZE" \
-      --device "$DEVICE" --wandb "$WANDB" --version "$VERSION" "${extra[@]}"; then
+      --device "$DEVICE" --wandb "$WANDB" --version "$VERSION" --resume "${extra[@]}"; then
     reports+=("$out/reproduce_report.json")
   else
     failed+=("$dataset $name")

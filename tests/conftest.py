@@ -60,6 +60,29 @@ def fmnist_test_small(fmnist_root) -> tuple[torch.Tensor, torch.Tensor]:
     return images[:256].float() / 255, labels[:256]
 
 
+# ---------------------------------------------------------------- the tests' recipe
+
+def tiny_recipe(root="", *overrides: str, **sections):
+    """The one recipe the tests train: tiny_cnn on 256 real Fashion-MNIST images in batches of 32, one
+    epoch, no AutoAttack, no W&B: seconds per run. ``sections`` change keys of a section (``eval={...}``)
+    or a top-level value (``name="ddp"``); ``overrides`` then apply as on the command line. A plain
+    function, not a fixture, so that spawned DDP ranks can build the same recipe."""
+    from advgkl.config import apply_overrides, from_dict
+
+    raw = {
+        "name": "t", "data": {"dataset": "fashion_mnist", "root": str(root), "subset": 256, "batch_size": 32},
+        "model": {"name": "tiny_cnn"},
+        "attack": {"eps": 0.1, "steps": 2},
+        "optim": {"epochs": 1},
+        "eval": {"version": "none", "n_examples": 16, "batch_size": 16, "honesty_checks": False},
+        "logging": {"wandb": "disabled", "progress": False},
+        "runtime": {"seed": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
 # ---------------------------------------------------------------- CIFAR-format files
 
 @dataclass

@@ -27,9 +27,9 @@ import yaml
 from advgkl import attacks, cli, distributed, evaluate, trainers
 from advgkl.attacks import AutoAttack
 from advgkl.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
-from advgkl.config import apply_overrides, from_dict
 from advgkl.data import BatchLoader
 from advgkl.errors import UserError
+from conftest import tiny_recipe
 from advgkl.models import create_model, register_model
 
 # 2 ranks vs 1 rank, max |weight difference| after 8 SGD steps (weights are ~0.1-0.5). Not bitwise:
@@ -46,17 +46,8 @@ SPAWN_FAILED = (mp.ProcessRaisedException, mp.ProcessExitedException)
 
 def cfg_for(root, *overrides):
     """tiny_cnn (no BatchNorm) on 256 real Fashion-MNIST images, global batch 32: 8 steps, seconds per run."""
-    raw = {
-        "name": "ddp", "data": {"dataset": "fashion_mnist", "root": str(root), "subset": 256, "batch_size": 32},
-        "model": {"name": "tiny_cnn"},
-        "method": {"name": "gkl_at"},
-        "attack": {"eps": 0.1, "steps": 2},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 1},
-        "eval": {"version": "none", "n_examples": 16, "batch_size": 16, "honesty_checks": False},
-        "logging": {"wandb": "disabled", "progress": False},
-        "runtime": {"seed": 0, "deterministic": True},
-    }
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return tiny_recipe(root, *overrides, name="ddp", method={"name": "gkl_at"}, runtime={"deterministic": True},
+                       optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4})
 
 
 # --------------------------------------------------------------------------------- process plumbing

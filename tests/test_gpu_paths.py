@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from advgkl import losses, trainers
+from advgkl.methods import METHODS, Context
 from advgkl.attacks import PGD
-from advgkl.config import apply_overrides, from_dict
+from advgkl.config import from_dict
 from advgkl.data import BatchLoader, load_dataset
 from advgkl.errors import UserError
+from conftest import tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ BF16_CE_ATTACK_ACC_ATOL = 0.06
 @pytest.mark.parametrize("model_name", ["small_cnn", "bn_cnn"])
 def test_bf16_training_step_and_attack_track_fp32(fmnist_batch, model_name):
     x, y = fmnist_batch
-    cfg = from_dict({"method": {"name": "gkl_at"}, "attack": {"eps": 0.1, "steps": 5},
+    cfg = from_dict({"method": {"name": "gkl_at", "beta": 6.0}, "attack": {"eps": 0.1, "steps": 5},
                      "runtime": {"amp": "bf16", "device": "cpu"}})
     assert trainers.amp_dtype(cfg, torch.device("cpu")) is torch.bfloat16  # runtime.amp=bf16 is honoured on CPU
     torch.manual_seed(0)
@@ -65,9 +67,9 @@ def test_bf16_training_step_and_attack_track_fp32(fmnist_batch, model_name):
     prior = losses.ClassPrior(10, cfg.method.prior_temperature)
     prior.update(model(x).detach(), y)
     prior.finish_epoch()
-    ctx = trainers.Context(cfg=cfg, prior=prior)
-    loss_fn, make_objective, start = trainers.METHODS["gkl_at"]
-    objective = make_objective(ctx)
+    ctx = Context(opts=cfg.method, prior=prior)
+    method = METHODS["gkl_at"]
+    objective, start = method.objective(ctx), method.random_start
 
     x_adv, step = {}, {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -75,7 +77,9 @@ def test_bf16_training_step_and_attack_track_fp32(fmnist_batch, model_name):
         torch.manual_seed(1)
         x_adv[name] = attack(model, x, y, step_size=0.05)
         model.zero_grad(set_to_none=True)
-        loss, nat, adv = trainers._forward_loss(loss_fn, model, x, x_adv["fp32"], y, ctx, _autocast(dtype))
+        with _autocast(dtype)():
+            loss, nat, adv = method.loss(model, x, x_adv["fp32"], y, ctx)
+        loss = loss.float()
         assert loss.dtype == torch.float32 and (nat.dtype == torch.bfloat16) == (dtype is not None)
         loss.backward()
         step[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -133,17 +137,9 @@ def test_fused_optimizers_on_cpu_match_the_foreach_path(name):
 
 
 def _compile_cfg(root, out_name: str, compile_: bool):
-    raw = {
-        "name": out_name, "data": {"dataset": "fashion_mnist", "root": str(root), "subset": 256, "val_size": 64,
-                                   "batch_size": 32},
-        "model": {"name": "tiny_cnn"}, "method": {"name": "gkl_at"}, "attack": {"eps": 0.1, "steps": 2},
-        "optim": {"lr": 0.05, "epochs": 2},
-        "eval": {"version": "custom", "attacks": ["apgd-ce"], "n_examples": 16, "batch_size": 16,
-                 "honesty_checks": False, "val_pgd_steps": 2},
-        "logging": {"wandb": "disabled", "progress": False},
-        "runtime": {"seed": 0, "device": "cpu"},
-    }
-    return from_dict(apply_overrides(raw, [f"runtime.compile={str(compile_).lower()}"]))
+    return tiny_recipe(root, f"runtime.compile={str(compile_).lower()}", name=out_name, data={"val_size": 64},
+                       method={"name": "gkl_at"}, optim={"lr": 0.05, "epochs": 2}, runtime={"device": "cpu"},
+                       eval={"version": "custom", "attacks": ["apgd-ce"], "val_pgd_steps": 2})
 
 
 @pytest.mark.slow

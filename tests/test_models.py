@@ -27,7 +27,7 @@ PARAMS = {
     ("wrn_70_16", (3, 32, 32)): 266_796_506,
     ("wrn_70_16_swish", (3, 32, 32)): 266_796_506,
 }
-GFLOPS = {"wrn_34_10": 13.3, "wrn_28_10": 10.5, "preact_resnet18": 1.11}  # spec, per 32x32 image
+GFLOPS = {"wrn_34_10": 13.3, "wrn_28_10": 10.5, "preact_resnet18": 1.11}  # per 32x32 image: docs/speed.md
 SHRUNK = {"depth": 10, "width": 1}  # WideResNets are exercised on CPU at this size
 
 

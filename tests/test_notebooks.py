@@ -1,13 +1,12 @@
-"""Every notebooks/*.ipynb executes on CPU without a failing cell; the numbers it prints are checked.
+"""Every notebook executes on CPU without a failing cell; the numbers it prints are checked.
 
-A notebook reports what the tests read as one stdout line `NOTEBOOK_RESULTS {json}`. Notebooks are
-committed with outputs cleared, and generated ones must match their generator script.
+A notebook's only source is notebooks/NN_*.py in jupytext's percent format (`make notebooks` builds and
+executes the .ipynb, which git ignores); the tests read it with jupytext and execute it the same way. A
+notebook reports what the tests read as one stdout line `NOTEBOOK_RESULTS {json}`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import jupytext
 import nbformat
 import numpy as np
 import pytest
@@ -26,8 +26,10 @@ from advgkl import robustbench_io as rbio
 from advgkl.data import DEFAULT_ROOT, load_dataset
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 STUDY_DIR = NOTEBOOKS_DIR.parent / "experiments" / "fmnist_study" / "results"
+sys.path.insert(0, str(STUDY_DIR.parent))
+import run_study  # noqa: E402  (the study driver: its load_run is the rule the notebook must follow)
 # what the analysis notebooks read from the environment; unset for the plain runs, which must read the
 # committed results and write nothing into the repository
 NOTEBOOK_ENV = ("ADVGKL_STUDY_DIR", "ADVGKL_WRITE_FIGURES", "ADVGKL_REPRODUCE_DIR")
@@ -58,7 +60,7 @@ def kernel_name() -> str:
 
 
 def _execute(path: Path, kernel: str) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
+    nb = jupytext.read(path)
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the kernel inherits it: shared CI cores, no OpenMP spinning
     try:
@@ -115,14 +117,6 @@ def check_01_gkl_loss(r: dict, seconds: float) -> None:
     assert all(v["closed_ms"] > 0 and v["pairwise_ms"] > 0 for v in r["timing"].values())
 
 
-@functools.lru_cache(maxsize=None)
-def _driver():
-    spec = importlib.util.spec_from_file_location("_run_study", STUDY_DIR.parent / "run_study.py")
-    run_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_study)
-    return run_study
-
-
 def _study_runs(study_dir: Path) -> dict[str, dict[str, dict]]:
     """{method: {run folder: results}} by the study driver's convention runs/<method>_s<seed>/; the results
     are the driver's `load_run` (the AutoAttack evaluation on the most points)."""
@@ -130,7 +124,7 @@ def _study_runs(study_dir: Path) -> dict[str, dict[str, dict]]:
     for path in sorted(study_dir.glob("runs/*_s*/results.json")):
         method, seed = path.parent.name.rsplit("_s", 1)
         if seed.isdigit():
-            out.setdefault(method, {})[path.parent.name] = _driver().load_run(path.parent)
+            out.setdefault(method, {})[path.parent.name] = run_study.load_run(path.parent)
     return out
 
 
@@ -193,7 +187,9 @@ def check_02_fmnist_study(r: dict, seconds: float) -> None:
     assert 0 < seconds < 60, f"02_fmnist_study must run in < 60 s on CPU, took {seconds:.1f} s"
     _check_study(r, STUDY_DIR)
     assert r["figure_written"] is None and r["table_written"] is None  # tests write nothing into the repo
-    assert r["summary_csv"] in ("absent", "consistent"), r["summary_csv"]
+    assert r["summary_csv"] == "consistent"
+    assert r["table_md"] == (STUDY_DIR / "summary.md").read_text()  # the committed table is the notebook's
+    assert {m: s["collapsed"] for m, s in r["methods"].items()} == {m: [2] if m == "mart" else [] for m in r["methods"]}
 
 
 GKL_ENTRIES = {  # the published numbers (docs/robustbench.md): (dataset, RobustBench name) -> (clean %, AutoAttack %)
@@ -232,6 +228,10 @@ def _errors(nb: nbformat.NotebookNode) -> list:
             if out.output_type == "error"]
 
 
+def test_the_notebooks_are_the_three_checked_ones():
+    assert [p.stem for p in NOTEBOOKS] == list(CHECKS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path: Path, kernel_name: str, monkeypatch):
@@ -240,37 +240,23 @@ def test_notebook_executes(path: Path, kernel_name: str, monkeypatch):
     nb = _execute(path, kernel_name)
     errors = _errors(nb)
     assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
-    if path.stem in CHECKS:
-        results = _results(nb)
-        assert results, f"{path.name} printed no NOTEBOOK_RESULTS line"
-        CHECKS[path.stem](results, _cell_seconds(nb))
+    results = _results(nb)
+    assert results, f"{path.name} printed no NOTEBOOK_RESULTS line"
+    CHECKS[path.stem](results, _cell_seconds(nb))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_committed_without_outputs(path: Path):
-    nb = nbformat.read(path, as_version=4)
+def test_notebook_source_is_canonical_percent_format(path: Path):
+    """The .py is what jupytext writes back (no header, no cell metadata): the .ipynb built from it and the .py
+    cannot drift apart, and a notebook saved from Jupyter through jupytext leaves no diff noise."""
+    text = path.read_text()
+    nb = jupytext.reads(text, fmt="py:percent")
     nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs first"
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_generated_notebook_matches_its_generator(path: Path):
-    generator = path.with_name(f"make_{path.stem.split('_')[0]}.py")
-    if not generator.exists():
-        pytest.skip(f"{path.name} is hand-written (no {generator.name})")
-    spec = importlib.util.spec_from_file_location(f"_gen_{path.stem}", generator)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    committed = nbformat.read(path, as_version=4)
-    built = module.build()
-    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
-        f"{path.name} differs from {generator.name}: run python {generator.relative_to(NOTEBOOKS_DIR.parent)}")
-
-
-def test_the_loss_notebook_exists():
-    assert "01_gkl_loss" in [p.stem for p in NOTEBOOKS]
+    assert jupytext.writes(nb, fmt="py:percent") == text
+    assert text.startswith("# %% [markdown]\n# # ")  # opens with its title
+    assert [c.cell_type for c in nb.cells].count("markdown") >= 2
+    assert nb.cells[-1].cell_type == "code"
+    assert 'print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))' in nb.cells[-1].source
 
 
 # ---------------------------------------------------------------- the analysis notebooks on other inputs
@@ -337,11 +323,11 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
     _write_study_run(tmp_path / "kd" / "runs" / "kd_x_s0", "gkl_kd", 0, clean.tolist(),
                      (clean * (rng.random(100) < 0.5)).tolist(), metrics=False)
     (tmp_path / "runs" / "zeta_at_s3" / "config.yaml").write_text("name: zeta_at_s3\n")
-    _driver().summarise(tmp_path)
+    run_study.summarise(tmp_path)
 
     monkeypatch.setenv("ADVGKL_STUDY_DIR", str(tmp_path))
     monkeypatch.setenv("ADVGKL_WRITE_FIGURES", "1")
-    nb = _execute(NOTEBOOKS_DIR / "02_fmnist_study.ipynb", kernel_name)
+    nb = _execute(NOTEBOOKS_DIR / "02_fmnist_study.py", kernel_name)
     assert not _errors(nb), _errors(nb)[0]["evalue"]
     r = _results(nb)
     _check_study(r, tmp_path)
@@ -358,7 +344,7 @@ def test_study_notebook_on_any_set_of_runs(tmp_path, kernel_name, monkeypatch):
     assert r["figure_written"] == str(tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "summary.md").read_text()
-    assert r["table_written"] == str(tmp_path / "summary.md")
+    assert r["table_written"] == str(tmp_path / "summary.md") and r["table_md"] == table
     zeta, alpha = r["methods"]["zeta_at"], r["methods"]["alpha"]
     assert f"| zeta_at | 3 (0, 1, 2) | - | {zeta['clean_mean']:.2f} ± {zeta['clean_std']:.2f} |" in table
     assert "| omega | 2 (0, 1) | seed 1 | " in table and r["methods"]["omega"]["collapsed"] == [1]
@@ -405,7 +391,7 @@ def test_robustbench_notebook_reads_reproduce_reports(tmp_path, kernel_name, mon
                   claimed=(66.00, 32.52))  # made against metadata that has changed since
     (tmp_path / "stale" / "reproduce_config.json").write_text("{}")  # other files in a report folder are ignored
     monkeypatch.setenv("ADVGKL_REPRODUCE_DIR", str(tmp_path))
-    nb = _execute(NOTEBOOKS_DIR / "03_reproduce_robustbench.ipynb", kernel_name)
+    nb = _execute(NOTEBOOKS_DIR / "03_reproduce_robustbench.py", kernel_name)
     assert not _errors(nb), _errors(nb)[0]["evalue"]
     r = _results(nb)
     assert r["report_dir"] == str(tmp_path) and r["n_reports"] == 3

@@ -19,13 +19,14 @@ import torch
 from advgkl import attacks
 from advgkl import robustbench_io as rbio
 from advgkl.cli import main
+from advgkl.config import Config
 from advgkl.errors import UserError
 
 R18 = "Sehwag2021Proxy_R18"  # cifar10 Linf, ResNet-18: the cheapest architecture in the zoo
 N_IMAGES = 8
 WHITE = 7  # index of the all-white test image: the one point that stays robust
 
-# spec section 4: the five GKL entries and their published numbers
+# the five GKL entries and their published numbers (docs/gkl.md#published-recipes-and-numbers)
 GKL_ENTRIES = [
     ("cifar10", "Cui2023Decoupled_WRN-34-10", "WideResNet-34-10", 85.31, 57.09),
     ("cifar10", "Cui2023Decoupled_WRN-28-10", "WideResNet-28-10", 92.16, 67.73),
@@ -131,7 +132,7 @@ def test_every_zoo_model_has_metadata(dataset, threat_model):
 
 
 @pytest.mark.parametrize("dataset,name,arch,clean,aa", GKL_ENTRIES)
-def test_gkl_entries_match_spec(dataset, name, arch, clean, aa):
+def test_gkl_entries_match_published_numbers(dataset, name, arch, clean, aa):
     entry = rbio.leaderboard_entry(name, dataset, "Linf")
     assert (entry["architecture"], float(entry["clean_acc"]), float(entry["autoattack_acc"])) == (arch, clean, aa)
     assert rbio.parse_eps(entry["eps"]) == pytest.approx(8 / 255) and entry["in_model_zoo"]
@@ -274,7 +275,11 @@ def test_reproduce_command(r18_setup, tmp_path, cheap_autoattack, capsys, monkey
     assert main(argv) == 130 and not (out / "reproduce_report.json").exists()
     calls.clear()
     monkeypatch.setattr(attacks, "_run_attack", lambda aa, name, x, y: calls.append(name) or real_attack(aa, name, x, y))
-    assert main(argv) == 0  # the same command continues: APGD-CE is not run again
+    capsys.readouterr()
+    assert main(argv) == 2 and calls == []  # without --resume the half-done folder is refused, nothing runs
+    assert capsys.readouterr().err == (f"advgkl reproduce: error: {out} already holds an interrupted reproduce run; "
+                                       f"pass --resume to continue it, or choose another --out\n")
+    assert main(argv + ["--resume"]) == 0  # continues: APGD-CE is not run again
     assert calls == ["apgd-t", "fab-t", "square"]
     printed = capsys.readouterr().out
     report = json.loads((out / "reproduce_report.json").read_text())
@@ -296,14 +301,18 @@ def test_reproduce_command(r18_setup, tmp_path, cheap_autoattack, capsys, monkey
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["autoattack_acc"] == 12.5
 
-    # the same command once more resumes from the finished AutoAttack state: same numbers, no attack reruns
+    # once finished: without --resume the folder is refused; with it the finished AutoAttack state gives
+    # the same numbers at once, no attack reruns
     calls.clear()
-    assert main(argv) == 0 and calls == []
+    assert main(argv) == 2 and calls == []
+    assert capsys.readouterr().err.startswith(f"advgkl reproduce: error: {out} already holds a reproduce report; "
+                                              f"pass --resume")
+    assert main(argv + ["--resume"]) == 0 and calls == []
     again = json.loads((out / "reproduce_report.json").read_text())
     assert again["resumed"] and again["measured"] == report["measured"]
 
-    # a different evaluation in the same folder is refused before any compute
-    assert main(argv[:6] + ["--n-examples", "4"] + argv[8:]) == 2
+    # a different evaluation in the same folder is refused before any compute, --resume or not
+    assert main(argv[:6] + ["--n-examples", "4"] + argv[8:] + ["--resume"]) == 2
     assert "different configuration" in capsys.readouterr().err
 
 
@@ -313,7 +322,8 @@ def test_reproduce_model_broken_by_first_attack(r18_setup, tmp_path, cheap_autoa
     write_cifar10_test_batch(tmp_path / "data", r18_setup["images"], labels)
     report = rbio.reproduce(R18, model_dir=r18_setup["model_dir"], data_dir=tmp_path / "data", out_dir=tmp_path / "out",
                             batch_size=4, device="cpu", wandb="disabled", download=False, progress=False,
-                            echo=lambda *a: None)
+                            resume=True, echo=lambda *a: None)  # resume=True in a fresh folder simply starts
+    assert not report["resumed"]
     assert report["per_attack_robust_acc"] == {"clean": 12.5, "apgd-ce": 0.0, "apgd-t": 0.0, "fab-t": 0.0,
                                                "square": 0.0}
 
@@ -338,7 +348,7 @@ def _fake_run(run_dir, model_name="tiny_cnn", evaluated="ema"):
     results = {"name": "demo", "dataset": "cifar10", "threat_model": "Linf", "eps": 8 / 255, "model": model_name,
                "method": "gkl_at", "evaluated_weights": evaluated, "clean_acc": 0.8531, "autoattack_acc": 0.5709,
                "per_attack_robust_acc": {"clean": 0.8531, "apgd-ce": 0.58}, "n_examples": 10000,
-               "autoattack_version": "standard", "config": {"data": {"generated_data": ""}}}
+               "autoattack_version": "standard", "config": Config().to_dict()}
     (run_dir / "results.json").write_text(json.dumps(results))
     return model, ema
 

@@ -250,6 +250,18 @@ def test_reproduce_bad_batch_size(r18_setup, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_refuses_a_finished_out_without_resume(r18_setup, tmp_path, capsys):
+    """Checked before the model is loaded: here there is no checkpoint, and the folder is what is reported."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / rbio.REPORT_NAME).write_text("{}")
+    no_checkpoint = {**r18_setup, "model_dir": tmp_path / "no_models"}
+    line = _cli_error(capsys, _reproduce_argv(no_checkpoint, out, "--device", "cpu"))
+    assert line == (f"advgkl reproduce: error: {out} already holds a reproduce report; pass --resume to reuse "
+                    f"its finished evaluation, or choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == [rbio.REPORT_NAME]
+
+
 def test_reproduce_reads_the_default_data_root(tmp_path, monkeypatch):
     images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
     write_cifar10_test_batch(tmp_path / "default_data", images, torch.tensor([0, 1, 2]))
@@ -409,6 +421,38 @@ def test_export_refuses_keys_robustbench_would_rename(tmp_path):
     assert not (run / "robustbench").exists()
 
 
+def test_keys_lost_in_robustbench_format():
+    from advgkl.robustbench_io.export import _keys_lost_in_robustbench_format
+
+    rb = rbio.import_robustbench()
+    state = {k: torch.zeros(1) for k in ("conv.weight", "model.weight", "block.submodel.bias", "head.module.x",
+                                         "modules.0.w")}
+    lost = _keys_lost_in_robustbench_format(state)
+    assert lost == ["model.weight", "block.submodel.bias", "head.module.x"]
+    loaded = rb.utils.rm_substr_from_state_dict(rb.utils.rm_substr_from_state_dict(state, "module."), "model.")
+    assert [k for k in state if k not in loaded] == lost  # exactly the keys robustbench's loader renames
+
+
+@pytest.mark.parametrize("data,extra,footnote", [
+    ({"generated": "cifar10_1m.npz", "generated_ratio": 0.3}, {}, True),
+    ({"generated": "cifar10_1m.npz", "generated_ratio": 0.0}, {}, False),  # named, never mixed into a batch
+    ({}, {"generated_by": "sweep.py"}, False),  # a key that merely contains "generated"
+])
+def test_export_footnote_reads_the_generated_data_settings(tmp_path, data, extra, footnote):
+    from advgkl.config import Config
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    res = _results(run)
+    config = Config().to_dict()
+    config["data"].update(data)
+    res["config"] = {**config, **extra}
+    _write_results(run, res)
+    json_path, _ = rbio.export_robustbench(run, echo=lambda *a: None)
+    info = json.loads(json_path.read_text())
+    assert info.get("footnote") == ("It uses additional generated images in training." if footnote else None)
+
+
 @pytest.mark.parametrize("bad", ["my model", "-leading-dash", "a/b"])
 def test_export_bad_name(tmp_path, capsys, bad):
     run = tmp_path / "run"
@@ -430,7 +474,8 @@ def test_export_architecture_footnote_and_warnings(tmp_path):
     _write_results(run, {
         "dataset": "cifar10", "threat_model": "Linf", "eps": 8 / 255, "model": "preact_resnet18",
         "method": "trades", "clean_acc": 0.8, "autoattack_acc": 0.45, "n_examples": 1000,
-        "autoattack_version": "fast", "config": {"data": {"root": "data", "generated_data": "cifar10_1m.npz"}}})
+        "autoattack_version": "fast",
+        "config": {"data": {"root": "data", "generated": "cifar10_1m.npz", "generated_ratio": 0.3}}})
     printed = []
     json_path, weights = rbio.export_robustbench(run, echo=printed.append)
     assert json_path == run / "robustbench" / "model_info" / "cifar10" / "Linf" / "advgkl_trades_PreActResNet-18.json"

@@ -1,28 +1,22 @@
 """Training jobs on real Fashion-MNIST: every method, exact resume, W&B failure modes, eval CLI."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from advgkl import cli, trainers
 from advgkl.checkpoint import load_checkpoint
-from advgkl.config import METHODS, apply_overrides, from_dict
+from advgkl.config import from_dict
+from advgkl.methods import METHODS, Context
 from advgkl.errors import UserError
+from conftest import tiny_recipe
 
 
 def small_cfg(root, *overrides):
     """A few seconds of training: tiny_cnn, 1024 real samples, 16 AutoAttack (APGD-CE) points."""
-    raw = {
-        "name": "t", "data": {"dataset": "fashion_mnist", "root": str(root), "subset": 1024, "batch_size": 32},
-        "model": {"name": "tiny_cnn"},
-        "attack": {"eps": 0.1, "steps": 2},
-        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0, "epochs": 1},
-        "eval": {"n_examples": 16, "version": "custom", "attacks": ["apgd-ce"], "batch_size": 16},
-        "logging": {"wandb": "disabled", "progress": False},
-        "runtime": {"seed": 0, "deterministic": True},
-    }
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return tiny_recipe(root, *overrides, data={"subset": 1024}, optim={"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
+                       eval={"version": "custom", "attacks": ["apgd-ce"], "honesty_checks": True},
+                       runtime={"deterministic": True})
 
 
 def weights(path):
@@ -141,7 +135,7 @@ def test_interrupted_run_resumes_to_bitwise_identical_weights(fmnist_root, tmp_p
 
 def test_resume_with_a_different_recipe_is_refused(fmnist_root, tmp_path):
     trainers.train(small_cfg(fmnist_root, "eval.version=none"), tmp_path)
-    with pytest.raises(UserError, match="method.beta: 6.0 -> 1.0"):
+    with pytest.raises(UserError, match="method.beta: 5.0 -> 1.0"):
         trainers.train(small_cfg(fmnist_root, "eval.version=none", "method.beta=1"), tmp_path, resume=True)
 
 
@@ -240,11 +234,11 @@ def test_kd_term_ramps_in_linearly_over_the_warmup(fmnist_test_small, teacher_ck
                                 "beta": 2.0, "kd_warmup_epochs": 2}})
     teacher = trainers.load_teacher(str(teacher_ckpt), cfg, torch.device("cpu"))
     student = trainers.build_model(cfg)
-    ctx = trainers.Context(cfg=cfg, teacher_logits=teacher(x).float())
+    ctx = Context(opts=cfg.method, teacher_logits=teacher(x).float())
     losses_at = {}
     for progress in (0.0, 0.5, 1.0, 2.0, 3.5):
         ctx.progress = progress
-        losses_at[progress] = trainers.gkl_kd_loss(student, x, None, y, ctx)[0].item()
+        losses_at[progress] = METHODS["gkl_kd"].loss(student, x, None, y, ctx)[0].item()
     ce = torch.nn.functional.cross_entropy(student(x), y).item()
     kd = losses_at[2.0] - ce
     assert losses_at[0.0] == pytest.approx(ce, rel=1e-6) and kd > 0.1

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from advgkl import losses, trainers
-from advgkl.config import apply_overrides, from_dict
+from advgkl.methods import METHODS, Context
+from advgkl.config import from_dict
 from advgkl.errors import UserError
+from conftest import tiny_recipe
 from test_robustbench import R18, r18_setup  # noqa: F401  (fixture)
 
 
@@ -32,9 +34,9 @@ def test_constant_schedule_with_warmup():
 def test_gkl_attack_objective_with_per_sample_weights():
     """method.weights=sample: the attack weights each pair by softmax(nat / T_prior) ** gamma, in float64
     against the pairwise reference implementation."""
-    cfg = from_dict({"method": {"name": "gkl_at", "weights": "sample", "gamma": 0.5, "prior_temperature": 2.0},
-                     "attack": {"objective_beta": 1.0}})
-    objective = trainers._gkl_objective(trainers.Context(cfg=cfg))
+    cfg = from_dict({"method": {"name": "gkl_at", "weights": "sample", "gamma": 0.5, "sample_temperature": 2.0,
+                                "attack_beta": 1.0}})
+    objective = METHODS["gkl_at"].objective(Context(opts=cfg.method))
     assert objective.needs_nat
     g = torch.Generator().manual_seed(0)
     adv, nat = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, 10, generator=g, dtype=torch.float64)
@@ -50,8 +52,8 @@ def test_kd_with_the_kl_loss_is_ce_plus_ramped_kl():
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     teacher = torch.randn(8, 3)
-    ctx = trainers.Context(cfg=cfg, progress=0.5, teacher_logits=teacher)
-    loss, nat, adv = trainers.gkl_kd_loss(model, x, None, y, ctx)
+    ctx = Context(opts=cfg.method, progress=0.5, teacher_logits=teacher)
+    loss, nat, adv = METHODS["gkl_kd"].loss(model, x, None, y, ctx)
     logits = model(x)
     kl = (F.softmax(teacher, 1) * (F.log_softmax(teacher, 1) - F.log_softmax(logits, 1))).sum(1).mean()
     expected = 0.5 * F.cross_entropy(logits, y) + 0.25 * kl  # ramp = progress / warm-up = 0.25
@@ -68,11 +70,8 @@ def test_a_robustbench_teacher_is_loaded_frozen(r18_setup, monkeypatch):  # noqa
 
 
 def _tiny(root, *overrides):
-    raw = {"data": {"dataset": "fashion_mnist", "root": str(root), "subset": 40, "batch_size": 64},
-           "model": {"name": "tiny_cnn"}, "optim": {"epochs": 1},
-           "eval": {"version": "none", "n_examples": 8, "honesty_checks": False},
-           "logging": {"wandb": "disabled", "progress": False}, "runtime": {"device": "cpu", "threads": 2}}
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return tiny_recipe(root, *overrides, name="run", data={"subset": 40, "batch_size": 64}, attack={"eps": 0.1, "steps": 5},
+                       eval={"n_examples": 8, "batch_size": 500}, runtime={"device": "cpu", "threads": 2})
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(fmnist_root, tmp_path):

@@ -68,6 +68,16 @@ def _per_channel(value, in_channels: int, what: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(1, in_channels, 1, 1)
 
 
+def check_options(name: str, options: dict) -> None:
+    """``UserError`` unless ``name`` is registered and takes every keyword in ``options`` (model.kwargs)."""
+    if name not in _MODELS:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    allowed = [p for p in inspect.signature(_MODELS[name]).parameters if p not in ("num_classes", "in_channels")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UserError(f"model {name!r} got unknown options {unknown}; it accepts {sorted(allowed)}")
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
                  mean: float | Sequence[float] = 0.0, std: float | Sequence[float] = 1.0,
                  **kw) -> nn.Sequential:
@@ -77,14 +87,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
     identity (0, 1). Unknown names and unknown keyword arguments raise `UserError`.
     Build inside `with torch.device("meta"):` to count parameters without allocating them.
     """
-    if name not in _MODELS:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    factory = _MODELS[name]
-    allowed = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "in_channels")]
-    unknown = sorted(set(kw) - set(allowed))
-    if unknown:
-        raise UserError(f"model {name!r} got unknown options {unknown}; it accepts {sorted(allowed)}")
-    net = factory(num_classes=num_classes, in_channels=in_channels, **kw)
+    check_options(name, kw)
+    net = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std, in_channels), net=net))
 
 

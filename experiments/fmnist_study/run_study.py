@@ -90,10 +90,10 @@ def pgd20_full(out: Path) -> None:
     import torch
 
     from advgkl.checkpoint import load_checkpoint, write_json
-    from advgkl.config import from_dict
+    from advgkl.config import from_saved
     from advgkl.evaluate import clean_accuracy, load_test_points, model_from_checkpoint
     from advgkl.honesty import pgd_correct
-    from advgkl.trainers import pick_memory_format
+    from advgkl.runtime import pick_memory_format
 
     target = out / "pgd20_full.json"
     ckpt_path = out / "checkpoints" / "final.pt"
@@ -102,7 +102,7 @@ def pgd20_full(out: Path) -> None:
     if json.loads((out / "results.json").read_text())["autoattack_version"] == "none":
         return  # a tuning run (tune_*.yaml): it is judged on the validation split only, never on test
     ckpt = load_checkpoint(ckpt_path)
-    cfg = from_dict(ckpt["config"])
+    cfg = from_saved(ckpt["config"])
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = torch.device("cpu")

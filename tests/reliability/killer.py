@@ -34,7 +34,7 @@ def main():
     from advgkl import attacks, checkpoint, cli, trainers
 
     if point == "step":
-        kill_on(trainers, "_forward_loss", n)
+        kill_on(trainers, "forward_loss", n)
     elif point == "attack":
         kill_on(attacks.PGD, "_run", n)
     elif point == "ckpt_write":

@@ -1,36 +1,26 @@
-"""Writes notebooks/03_reproduce_robustbench.ipynb (outputs cleared): python notebooks/make_03.py
+# %% [markdown]
+# # GKL on the RobustBench leaderboard, and our reproductions
+#
+# Two things side by side, both read from files; nothing here loads a checkpoint or attacks a model:
+#
+# 1. **The leaderboard metadata** that ships with advgkl (`advgkl/model_info/`, RobustBench's `model_info`, read
+#    through `advgkl.robustbench_io.leaderboard`) for CIFAR-10 L∞ and L2 and CIFAR-100 L∞: where the five
+#    Cui2023Decoupled (GKL / DKL) entries sit, and whether the metadata carries the numbers the spec quotes.
+# 2. **Our reproduce reports**: every `reproduce_report.json` under `runs/reproduce_gkl/` (override with the
+#    environment variable `ADVGKL_REPRODUCE_DIR`; a relative path is taken from the repository root), as written
+#    by `advgkl reproduce` or `experiments/reproduce_gkl.sh`. A report holds clean and AutoAttack accuracy measured
+#    on the first N test points with 95 % Wilson intervals, next to the leaderboard's claim.
+#
+# Reproducing needs the CIFAR checkpoints and a GPU (AutoAttack on 10,000 CIFAR-10 images with a WRN-34-10 takes
+# hours), so reports may not exist yet; the notebook then says so and shows the metadata alone. To make them:
+#
+#     N=1000 DEVICE=cuda bash experiments/reproduce_gkl.sh     # all five entries, ±3 pp intervals
+#
+# Accuracies are in % (RobustBench's convention). The last cell prints the numbers `tests/test_notebooks.py`
+# checks.
 
-The notebook is generated so that its source lives in one reviewable Python file; edit here, re-run,
-commit both. tests/test_notebooks.py executes it and reads the `NOTEBOOK_RESULTS {...}` line it prints.
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # nbgen beside this file, also when imported by path
-from nbgen import build_notebook, write_notebook  # noqa: E402
-
-CELLS = [
-    ("md", r"""# GKL on the RobustBench leaderboard, and our reproductions
-
-Two things side by side, both read from files; nothing here loads a checkpoint or attacks a model:
-
-1. **The leaderboard metadata** that ships with advgkl (`advgkl/model_info/`, RobustBench's `model_info`, read
-   through `advgkl.robustbench_io.leaderboard`) for CIFAR-10 L∞ and L2 and CIFAR-100 L∞: where the five
-   Cui2023Decoupled (GKL / DKL) entries sit, and whether the metadata carries the numbers the spec quotes.
-2. **Our reproduce reports**: every `reproduce_report.json` under `runs/reproduce_gkl/` (override with the
-   environment variable `ADVGKL_REPRODUCE_DIR`; a relative path is taken from the repository root), as written
-   by `advgkl reproduce` or `experiments/reproduce_gkl.sh`. A report holds clean and AutoAttack accuracy measured
-   on the first N test points with 95 % Wilson intervals, next to the leaderboard's claim.
-
-Reproducing needs the CIFAR checkpoints and a GPU (AutoAttack on 10,000 CIFAR-10 images with a WRN-34-10 takes
-hours), so reports may not exist yet; the notebook then says so and shows the metadata alone. To make them:
-
-    N=1000 DEVICE=cuda bash experiments/reproduce_gkl.sh     # all five entries, ±3 pp intervals
-
-Accuracies are in % (RobustBench's convention). The last cell prints the numbers `tests/test_notebooks.py`
-checks."""),
-    ("code", r"""import io
+# %%
+import io
 import json
 import os
 import warnings
@@ -77,15 +67,19 @@ for (dataset, tm), rows in boards.items():
     eps = ", ".join(sorted({r["eps"] for r in rows}))
     print(f"{dataset + ' ' + tm:<16}{len(rows):>8}{eps:>18}{sum(bool(r['additional_data']) for r in rows):>12}"
           f"{sum(r['in_model_zoo'] for r in rows):>12}{sum(bool(r.get('unreliable')) for r in rows):>12}")
-RESULTS["leaderboard_sizes"] = {f"{d}/{t}": len(rows) for (d, t), rows in boards.items()}"""),
-    ("md", r"""## 1. The published numbers against the metadata
+RESULTS["leaderboard_sizes"] = {f"{d}/{t}": len(rows) for (d, t), rows in boards.items()}
 
-The spec (`shared/GKL_SPEC.md` §4) quotes five entries, all AutoAttack standard at L∞ 8/255 on the full test
-set. Each is looked up by its RobustBench name and compared to two decimals. Rank is by AutoAttack accuracy on
-its leaderboard; "same data" ranks among entries with the same `additional_data` flag. Note that RobustBench's
-flag counts extra *real* data only: the WRN-28-10 entries trained on 20M / 50M generated images are listed
-with `additional_data: false`, like the other diffusion-data entries they compete with."""),
-    ("code", r"""PUBLISHED = [  # shared/GKL_SPEC.md §4: dataset, RobustBench name, extra data (paper), clean %, AA %
+# %% [markdown]
+# ## 1. The published numbers against the metadata
+#
+# The spec (`shared/GKL_SPEC.md` §4) quotes five entries, all AutoAttack standard at L∞ 8/255 on the full test
+# set. Each is looked up by its RobustBench name and compared to two decimals. Rank is by AutoAttack accuracy on
+# its leaderboard; "same data" ranks among entries with the same `additional_data` flag. Note that RobustBench's
+# flag counts extra *real* data only: the WRN-28-10 entries trained on 20M / 50M generated images are listed
+# with `additional_data: false`, like the other diffusion-data entries they compete with.
+
+# %%
+PUBLISHED = [  # shared/GKL_SPEC.md §4: dataset, RobustBench name, extra data (paper), clean %, AA %
     ("cifar10", "Cui2023Decoupled_WRN-34-10", "none", 85.31, 57.09),
     ("cifar10", "Cui2023Decoupled_WRN-28-10", "20M generated", 92.16, 67.73),
     ("cifar100", "Cui2023Decoupled_WRN-34-10", "none", 65.76, 31.91),
@@ -122,14 +116,18 @@ for f in found:
     print(f"  {f}")
 print(f"all five published numbers match the metadata: {all(p['matches'] for p in published.values())}")
 RESULTS["published"] = published
-RESULTS["cui2023_entries"] = found"""),
-    ("md", r"""## 2. Clean vs AutoAttack accuracy
+RESULTS["cui2023_entries"] = found
 
-Every entry of each leaderboard; triangles used extra real data, crosses are marked `unreliable` by RobustBench
-(an evaluation later broken). The Cui2023Decoupled entries are the red stars. The undefended `Standard` model
-(AutoAttack 0 %) is left out so that it does not squash the axes; the other points near 0 are defences that
-AutoAttack broke. The L2 leaderboard has no GKL entry and is shown for scale."""),
-    ("code", r"""fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+# %% [markdown]
+# ## 2. Clean vs AutoAttack accuracy
+#
+# Every entry of each leaderboard; triangles used extra real data, crosses are marked `unreliable` by RobustBench
+# (an evaluation later broken). The Cui2023Decoupled entries are the red stars. The undefended `Standard` model
+# (AutoAttack 0 %) is left out so that it does not squash the axes; the other points near 0 are defences that
+# AutoAttack broke. The L2 leaderboard has no GKL entry and is shown for scale.
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(17, 5))
 for ax, ((dataset, tm), rows) in zip(axes, boards.items()):
     groups = [("no extra data", "o", lambda r: not r["additional_data"] and not r.get("unreliable")),
               ("extra real data", "^", lambda r: r["additional_data"] and not r.get("unreliable")),
@@ -150,14 +148,18 @@ for ax, ((dataset, tm), rows) in zip(axes, boards.items()):
     ax.set(xlabel="clean accuracy %", ylabel="AutoAttack accuracy %",
            title=f"{dataset} {tm} ({len(rows)} entries, {len(cui)} Cui2023Decoupled)")
     ax.legend(fontsize=8, loc="lower right")
-show(fig)"""),
-    ("md", r"""## 3. Our reproduce reports
+show(fig)
 
-Each report's claim is checked against the metadata shipped now (a report made before a metadata update would
-compare with a stale claim). A claim inside the measured 95 % interval is *consistent*; with N = 1,000 test points
-the interval is about ±3 pp, so consistency on a subset is a weaker statement than the leaderboard's full-set
-number. Reports on fewer than all test points, or with a non-standard AutoAttack version, say so in their notes."""),
-    ("code", r"""reports = []
+# %% [markdown]
+# ## 3. Our reproduce reports
+#
+# Each report's claim is checked against the metadata shipped now (a report made before a metadata update would
+# compare with a stale claim). A claim inside the measured 95 % interval is *consistent*; with N = 1,000 test points
+# the interval is about ±3 pp, so consistency on a subset is a weaker statement than the leaderboard's full-set
+# number. Reports on fewer than all test points, or with a non-standard AutoAttack version, say so in their notes.
+
+# %%
+reports = []
 for path in sorted(REPORT_DIR.rglob(REPORT_NAME)) if REPORT_DIR.is_dir() else []:
     try:
         reports.append((path, json.loads(path.read_text())))
@@ -208,8 +210,11 @@ else:
             "claim_matches_metadata": claim_ok,
         })
 RESULTS["n_reports"] = len(rows_out)
-RESULTS["reports"] = rows_out"""),
-    ("code", r"""def claimed_vs_measured():
+RESULTS["reports"] = rows_out
+
+
+# %%
+def claimed_vs_measured():
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.6 * len(rows_out) + 1.8), sharey=True)
     labels = [f"{r['dataset']} {r['model_name'].removeprefix('Cui2023Decoupled_')} (N={r['n_examples']})"
               for r in rows_out]
@@ -227,14 +232,7 @@ RESULTS["reports"] = rows_out"""),
     show(fig)
 
 
-claimed_vs_measured() if rows_out else print("nothing to plot: no reports")"""),
-    ("code", r"""print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))"""),
-]
+claimed_vs_measured() if rows_out else print("nothing to plot: no reports")
 
-
-def build():
-    return build_notebook(CELLS)
-
-
-if __name__ == "__main__":
-    write_notebook(build(), "03_reproduce_robustbench.ipynb")
+# %%
+print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))

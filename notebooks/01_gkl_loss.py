@@ -1,30 +1,20 @@
-"""Writes notebooks/01_gkl_loss.ipynb (outputs cleared): python notebooks/make_01.py
+# %% [markdown]
+# # The GKL loss: KL, DKL and the generalized form
+#
+# Notation as in the spec (`shared/GKL_SPEC.md`): `s` = student logits (the adversarial branch in adversarial
+# training), `t` = teacher logits (the natural branch, or a frozen teacher in distillation), shape `[B, C]`,
+# `d = t - s`. This notebook checks numerically, in float64:
+#
+# 1. KL and DKL (= wMSE + soft-label CE) have the same gradients with respect to **both** inputs;
+# 2. the O(B·C) closed form of GKL's wMSE equals its O(B·C²) pairwise definition;
+# 3. where the gradient goes: GKL's wMSE reaches both branches, DKL's only the teacher;
+# 4. what `gamma` does to the class-prior weights (prior from a small net trained on Fashion-MNIST);
+# 5. how much faster the closed form is.
+#
+# It runs on CPU in well under a minute. The last cell prints the numbers `tests/test_notebooks.py` checks.
 
-The notebook is generated so that its source lives in one reviewable Python file; edit here, re-run,
-commit both. tests/test_notebooks.py executes it and reads the `NOTEBOOK_RESULTS {...}` line it prints.
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # nbgen beside this file, also when imported by path
-from nbgen import build_notebook, write_notebook  # noqa: E402
-
-CELLS = [
-    ("md", r"""# The GKL loss: KL, DKL and the generalized form
-
-Notation as in the spec (`shared/GKL_SPEC.md`): `s` = student logits (the adversarial branch in adversarial
-training), `t` = teacher logits (the natural branch, or a frozen teacher in distillation), shape `[B, C]`,
-`d = t - s`. This notebook checks numerically, in float64:
-
-1. KL and DKL (= wMSE + soft-label CE) have the same gradients with respect to **both** inputs;
-2. the O(B·C) closed form of GKL's wMSE equals its O(B·C²) pairwise definition;
-3. where the gradient goes: GKL's wMSE reaches both branches, DKL's only the teacher;
-4. what `gamma` does to the class-prior weights (prior from a small net trained on Fashion-MNIST);
-5. how much faster the closed form is.
-
-It runs on CPU in well under a minute. The last cell prints the numbers `tests/test_notebooks.py` checks."""),
-    ("code", r"""import io
+# %%
+import io
 import json
 import time
 
@@ -53,14 +43,19 @@ def logits(b, c, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     s = (scale * torch.randn(b, c, generator=g, dtype=torch.float64)).requires_grad_()
     t = (scale * torch.randn(b, c, generator=g, dtype=torch.float64)).requires_grad_()
-    return s, t"""),
-    ("md", r"""## 1. KL and DKL: the same gradients
+    return s, t
 
-`KL(softmax(t) || softmax(s)) = sCE(s, t) - H(softmax(t))`. DKL writes its gradient as two terms: the soft-label
-CE (teacher side detached) gives the student KL's gradient, and the wMSE over pairwise logit differences, weighted
-by `softmax(t)` and with the student's differences held constant, gives the teacher KL's gradient. The *values*
-of KL and DKL differ (DKL is a surrogate with the same derivative); their gradients agree to round-off."""),
-    ("code", r"""rows, worst = [], 0.0
+
+# %% [markdown]
+# ## 1. KL and DKL: the same gradients
+#
+# `KL(softmax(t) || softmax(s)) = sCE(s, t) - H(softmax(t))`. DKL writes its gradient as two terms: the soft-label
+# CE (teacher side detached) gives the student KL's gradient, and the wMSE over pairwise logit differences, weighted
+# by `softmax(t)` and with the student's differences held constant, gives the teacher KL's gradient. The *values*
+# of KL and DKL differ (DKL is a surrogate with the same derivative); their gradients agree to round-off.
+
+# %%
+rows, worst = [], 0.0
 for b, c, temperature in [(64, 10, 1.0), (32, 100, 1.0), (64, 10, 4.0)]:
     s, t = logits(b, c, seed=c + b)
     kl = losses.kl(s, t, temperature=temperature)
@@ -80,15 +75,20 @@ for r in rows:
     print(f"{r[0]:>3} {r[1]:>4} {r[2]:>3g} {r[3]:>10.6f} {r[4]:>10.6f} {r[5]:>10.6f} {r[6]:>12.3e} {r[7]:>14.2e}")
 RESULTS["max_grad_diff_kl_dkl"] = worst
 RESULTS["kl_minus_sce_plus_entropy"] = max(abs(r[3] - r[4]) for r in rows)
-print(f"max |grad KL - grad DKL| over both inputs = {worst:.2e}")"""),
-    ("md", r"""## 2. Closed form = pairwise definition
+print(f"max |grad KL - grad DKL| over both inputs = {worst:.2e}")
 
-Per sample, with weights `w` and `S = sum_j w_j`:
-`sum_{j,k} w_j w_k (d_j - d_k)^2 = 2 S sum_j w_j (d_j - mu)^2`, `mu = sum_j w_j d_j / S`.
-`losses.gkl` uses the right-hand side (O(B·C), centred for stability); `losses.gkl_pairwise` builds the
-`[B, C, C]` tensor. Weights are rows of a random class prior raised to `gamma`; `alpha = 4, beta = 20` as in
-the published AT runs."""),
-    ("code", r"""def prior_weights(b, c, gamma, seed):
+
+# %% [markdown]
+# ## 2. Closed form = pairwise definition
+#
+# Per sample, with weights `w` and `S = sum_j w_j`:
+# `sum_{j,k} w_j w_k (d_j - d_k)^2 = 2 S sum_j w_j (d_j - mu)^2`, `mu = sum_j w_j d_j / S`.
+# `losses.gkl` uses the right-hand side (O(B·C), centred for stability); `losses.gkl_pairwise` builds the
+# `[B, C, C]` tensor. Weights are rows of a random class prior raised to `gamma`; `alpha = 4, beta = 20` as in
+# the published AT runs.
+
+# %%
+def prior_weights(b, c, gamma, seed):
     g = torch.Generator().manual_seed(seed)
     prior = losses.ClassPrior(c)
     y = torch.randint(0, c, (8 * c,), generator=g)
@@ -111,14 +111,18 @@ for b, c in [(16, 10), (32, 100), (4, 1000)]:
 RESULTS["max_rel_value_diff_closed_pairwise"] = worst_value
 RESULTS["max_grad_diff_closed_pairwise"] = worst_grad
 print(f"closed vs pairwise, float64: max relative value difference {worst_value:.2e}, "
-      f"max gradient difference {worst_grad:.2e}")"""),
-    ("md", r"""## 3. Where the gradient goes
+      f"max gradient difference {worst_grad:.2e}")
 
-GKL's first change: wMSE is back-propagated into **both** branches. Since it depends on `d = t - s` only, the
-student's gradient is exactly minus the teacher's. In DKL (= KL) the wMSE treats the student's differences as
-constants, so it reaches only the teacher; with a frozen teacher (distillation) it therefore does nothing, and
-KL reduces to the soft-label CE."""),
-    ("code", r"""s, t = logits(64, 10, seed=3)
+# %% [markdown]
+# ## 3. Where the gradient goes
+#
+# GKL's first change: wMSE is back-propagated into **both** branches. Since it depends on `d = t - s` only, the
+# student's gradient is exactly minus the teacher's. In DKL (= KL) the wMSE treats the student's differences as
+# constants, so it reaches only the teacher; with a frozen teacher (distillation) it therefore does nothing, and
+# KL reduces to the soft-label CE.
+
+# %%
+s, t = logits(64, 10, seed=3)
 w = F.softmax(t.detach(), dim=1)  # the same per-sample weights for both, to isolate the detach
 
 
@@ -151,15 +155,19 @@ t_frozen = t.detach()
 g_dkl = torch.autograd.grad(losses.dkl(s, t_frozen), s)[0]
 g_sce = torch.autograd.grad(losses.soft_ce(s, t_frozen), s)[0]
 RESULTS["frozen_teacher_dkl_minus_sce_grad"] = (g_dkl - g_sce).abs().max().item()
-print(f"frozen teacher: max |grad DKL - grad sCE| = {RESULTS['frozen_teacher_dkl_minus_sce_grad']:.1e}")"""),
-    ("md", r"""## 4. What `gamma` does to the class-prior weights
+print(f"frozen teacher: max |grad DKL - grad sCE| = {RESULTS['frozen_teacher_dkl_minus_sce_grad']:.1e}")
 
-GKL's second change: the pair weights are `prior[y] ** gamma`, where row `c` of the prior is the mean softmax
-(at temperature `T_prior`) of the training samples of class `c`. Here the prior comes from a `tiny_cnn` trained
-for two quick epochs on 6,000 real Fashion-MNIST images. `gamma < 1` flattens each row: the true class
-loses weight to the classes it is confused with, and at `gamma = 0` all pairs count equally. The *effective
-number of classes* `exp(entropy)` of the normalised weights measures that."""),
-    ("code", r"""from advgkl.data import dataset_info, load_dataset
+# %% [markdown]
+# ## 4. What `gamma` does to the class-prior weights
+#
+# GKL's second change: the pair weights are `prior[y] ** gamma`, where row `c` of the prior is the mean softmax
+# (at temperature `T_prior`) of the training samples of class `c`. Here the prior comes from a `tiny_cnn` trained
+# for two quick epochs on 6,000 real Fashion-MNIST images. `gamma < 1` flattens each row: the true class
+# loses weight to the classes it is confused with, and at `gamma = 0` all pairs count equally. The *effective
+# number of classes* `exp(entropy)` of the normalised weights measures that.
+
+# %%
+from advgkl.data import dataset_info, load_dataset
 from advgkl.models import create_model
 
 torch.manual_seed(0)
@@ -223,12 +231,17 @@ for tp, prior in priors.items():
     axes[2].plot(grid, [effective_classes(prior, g.item()) for g in grid], marker=".", label=f"T_prior = {tp:g}")
 axes[2].set(title="effective number of classes vs gamma", xlabel="gamma", ylabel="exp(entropy)")
 axes[2].legend()
-show(fig)"""),
-    ("md", r"""## 5. Timing: closed form vs pairwise
+show(fig)
 
-Forward + backward, float32, one CPU thread, median of a few repeats (the full benchmark is
-`benchmarks/bench_losses.py`). The pairwise cost grows with C², the closed form with C."""),
-    ("code", r"""def median_ms(fn, s, t, w, repeats):
+
+# %% [markdown]
+# ## 5. Timing: closed form vs pairwise
+#
+# Forward + backward, float32, one CPU thread, median of a few repeats (the full benchmark is
+# `benchmarks/bench_losses.py`). The pairwise cost grows with C², the closed form with C.
+
+# %%
+def median_ms(fn, s, t, w, repeats):
     times = []
     for _ in range(repeats + 1):  # the first call is a warm-up
         s.grad = t.grad = None
@@ -258,14 +271,7 @@ ax.bar([i + 0.2 for i in range(len(names))], [timing[n]["pairwise_ms"] for n in 
 ax.set(xticks=range(len(names)), yscale="log", ylabel="ms (forward + backward)")
 ax.set_xticklabels(names)
 ax.legend()
-show(fig)"""),
-    ("code", r"""print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))"""),
-]
+show(fig)
 
-
-def build():
-    return build_notebook(CELLS)
-
-
-if __name__ == "__main__":
-    write_notebook(build(), "01_gkl_loss.ipynb")
+# %%
+print("NOTEBOOK_RESULTS " + json.dumps(RESULTS))

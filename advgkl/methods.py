@@ -1,0 +1,302 @@
+"""Training methods: what each one attacks, which loss it minimises, and the options it takes.
+
+A method is a ``Method`` subclass registered with ``@register_method("name")``. The trainer asks the
+method, never its name:
+
+- ``Options``: its own dataclass of recipe options (the ``method:`` section), with defaults; ``check``
+  refuses impossible values;
+- ``loss(model, x, x_adv, y, ctx) -> (loss, nat_logits, adv_logits)`` (a logits entry may be None);
+- ``objective(ctx)``: what the training attack maximises, or None for no attack;
+- ``random_start`` and ``step_size(eps)``: the training attack's defaults for this method;
+- ``uses_prior(opts)``, ``needs_teacher``, ``prior_logits``: the class prior and the teacher it needs.
+
+Adding a method is one class here (or in your own module, imported before the recipe is loaded) and a
+recipe. The maths of the GKL family is in docs/gkl.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .attacks import make_objective
+from .errors import UserError
+
+METHODS: dict[str, "Method"] = {}
+
+
+def register_method(name: str):
+    """Class decorator: ``@register_method("my_at") class MyAT(Method): ...`` makes ``method.name: my_at``."""
+
+    def add(cls):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        METHODS[name] = cls()
+        return cls
+
+    return add
+
+
+def get_method(name: str) -> "Method":
+    if name not in METHODS:
+        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+@dataclass
+class MethodOptions:
+    """Options every method has: its name. Subclasses add theirs, each with a default."""
+
+    name: str = ""
+
+    def check(self) -> None:
+        """Raise ``UserError`` for an impossible value, naming the key (``method.<field>``)."""
+        _at_least(self, 0.0, *[f.name for f in dataclasses.fields(self) if f.type in ("float", float)])
+
+
+def _at_least(opts, low: float, *names: str, strict: bool = False) -> None:
+    for name in names:
+        value = getattr(opts, name)
+        if value < low or (strict and value == low):
+            raise UserError(f"method.{name}: must be {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def _one_of(opts, name: str, allowed: tuple) -> None:
+    if getattr(opts, name) not in allowed:
+        raise UserError(f"method.{name}: {getattr(opts, name)!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class Context:
+    """What a method's loss and attack objective need besides the batch."""
+
+    opts: MethodOptions
+    progress: float = 0.0  # epochs done, fractional (step / steps per epoch)
+    prior: losses.ClassPrior | None = None
+    teacher: nn.Module | None = None
+    teacher_logits: torch.Tensor | None = None  # this batch's frozen-teacher logits
+
+
+class Method:
+    """Defaults shared by the methods; a subclass overrides what differs."""
+
+    name = ""
+    Options = MethodOptions
+    random_start = "uniform"  # the training attack's start unless attack.random_start says otherwise
+    needs_teacher = False
+
+    def adversarial(self, opts) -> bool:
+        """Whether training runs the attack (then attack.eps and attack.steps must be > 0)."""
+        return True
+
+    def uses_prior(self, opts) -> bool:
+        return False
+
+    def step_size(self, eps: float) -> float | None:
+        """The attack's step for radius ``eps`` when attack.step_size is 0; None = the attack's own default."""
+        return None
+
+    def objective(self, ctx: Context):
+        return "ce"
+
+    def prior_logits(self, nat_logits, ctx: Context):
+        """The logits the class prior learns from (the natural branch by default)."""
+        return nat_logits
+
+    def loss(self, model, x, x_adv, y, ctx: Context):
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------ the baselines
+@dataclass
+class SmoothingOptions(MethodOptions):
+    label_smoothing: float = 0.0
+
+    def check(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"method.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+
+
+@register_method("standard")
+class Standard(Method):
+    """Cross-entropy on clean inputs: no attack."""
+
+    Options = SmoothingOptions
+
+    def adversarial(self, opts) -> bool:
+        return False
+
+    def loss(self, model, x, x_adv, y, ctx):
+        logits = model(x)
+        return losses.ce(logits, y, ctx.opts.label_smoothing), logits, None
+
+
+@register_method("pgd_at")
+class PGDAT(Method):
+    """Madry et al.: cross-entropy on the PGD-CE adversarial inputs only."""
+
+    Options = SmoothingOptions
+
+    def loss(self, model, x, x_adv, y, ctx):
+        adv = model(x_adv)
+        return losses.ce(adv, y, ctx.opts.label_smoothing), None, adv
+
+
+@dataclass
+class BetaOptions(MethodOptions):
+    beta: float = 6.0  # weight of the robustness term
+
+
+@register_method("trades")
+class TRADES(Method):
+    """Zhang et al.: CE(nat) + beta * KL(nat || adv), attacked by the KL from a small normal start."""
+
+    Options = BetaOptions
+    random_start = "normal"
+
+    def objective(self, ctx):
+        return "trades"
+
+    def loss(self, model, x, x_adv, y, ctx):
+        nat, adv = model(x), model(x_adv)
+        return losses.ce(nat, y) + ctx.opts.beta * losses.trades_kl(adv, nat), nat, adv
+
+
+@register_method("mart")
+class MART(Method):
+    """Wang et al.: boosted CE on adv + beta * KL weighted by 1 - p_y(nat), attacked by CE."""
+
+    Options = BetaOptions
+
+    def loss(self, model, x, x_adv, y, ctx):
+        nat, adv = model(x), model(x_adv)
+        return losses.mart(adv, nat, y, ctx.opts.beta), nat, adv
+
+
+# ---------------------------------------------------------------------------------- the GKL family
+@dataclass
+class GKLOptions(MethodOptions):
+    """The GKL loss's options (docs/gkl.md); the defaults are the Fashion-MNIST study's tuned values."""
+
+    alpha: float = 1.0  # weight of the soft-label CE
+    beta: float = 5.0  # weight of the wMSE term
+    gamma: float = 1.0  # exponent on the pair weights
+    weights: str = "prior"  # pair weights: the class prior, or a per-sample softmax of the teacher branch
+    prior_temperature: float = 4.0  # T of the class prior
+    symmetric: bool = True  # wMSE into both branches (GKL) or the teacher branch only (as in KL/DKL)
+
+    def check(self) -> None:
+        _at_least(self, 0.0, "alpha", "beta", "gamma")
+        _at_least(self, 0.0, "prior_temperature", strict=True)
+        _one_of(self, "weights", ("prior", "sample"))
+
+    def pair_weights(self, ctx: Context, logits: torch.Tensor, y: torch.Tensor, temperature: float):
+        if self.weights == "prior":
+            return ctx.prior.weights(y, self.gamma)
+        return F.softmax(logits.detach().float() / temperature, dim=1).pow(self.gamma)
+
+
+@dataclass
+class GKLATOptions(GKLOptions):
+    sample_temperature: float = 4.0  # T of the per-sample weights (weights: sample)
+    attack_beta: float = 0.0  # the attack objective's wMSE weight (0 for CIFAR-10, 1 for CIFAR-100)
+
+    def check(self) -> None:
+        super().check()
+        _at_least(self, 0.0, "attack_beta")
+        _at_least(self, 0.0, "sample_temperature", strict=True)
+
+
+@register_method("gkl_at")
+class GKLAT(Method):
+    """CE(nat) + GKL(adv, nat); the attack maximises GKL with alpha 1 from a small normal start, step eps/2."""
+
+    Options = GKLATOptions
+    random_start = "normal"
+
+    def uses_prior(self, opts) -> bool:
+        return opts.weights == "prior"
+
+    def step_size(self, eps: float) -> float:
+        return eps / 2
+
+    def objective(self, ctx):
+        o = ctx.opts
+        if o.weights == "prior":
+            return make_objective("gkl", prior=ctx.prior, gamma=o.gamma, alpha=1.0, beta=o.attack_beta)
+
+        def objective(adv_logits, y, nat_logits):  # per-sample weights: softmax of the natural branch
+            w = F.softmax(nat_logits / o.sample_temperature, dim=1).pow(o.gamma)
+            return losses.gkl(adv_logits, nat_logits, w, alpha=1.0, beta=o.attack_beta, symmetric=o.symmetric)
+
+        objective.needs_nat = True
+        return objective
+
+    def loss(self, model, x, x_adv, y, ctx):
+        o = ctx.opts
+        nat, adv = model(x), model(x_adv)
+        w = o.pair_weights(ctx, nat, y, o.sample_temperature)
+        reg = losses.gkl(adv.float(), nat.float(), w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric)
+        return losses.ce(nat, y) + reg, nat, adv
+
+
+@dataclass
+class GKLKDOptions(GKLOptions):
+    teacher: str = ""  # advgkl checkpoint path, or robustbench:NAME
+    kd_loss: str = "gkl"  # gkl | kl (ARD-style)
+    kd_temperature: float = 1.0  # T of the per-sample teacher weights (weights: sample)
+    kd_adversarial: bool = False  # distil on adversarial inputs (robust distillation)
+    kd_warmup_epochs: float = 0.0  # the KD term's weight ramps linearly from 0 to 1 over these epochs
+    ce_weight: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        _one_of(self, "kd_loss", ("gkl", "kl"))
+        _at_least(self, 0.0, "kd_warmup_epochs", "ce_weight")
+        _at_least(self, 0.0, "kd_temperature", strict=True)
+        if not self.teacher:
+            raise UserError("method.teacher: gkl_kd needs a teacher (checkpoint path or robustbench:NAME)")
+
+
+@register_method("gkl_kd")
+class GKLKD(Method):
+    """Distillation from a frozen teacher; with kd_adversarial the student sees x_adv (ARD-style)."""
+
+    Options = GKLKDOptions
+    needs_teacher = True
+
+    def adversarial(self, opts) -> bool:
+        return opts.kd_adversarial
+
+    def uses_prior(self, opts) -> bool:
+        return opts.weights == "prior"
+
+    def prior_logits(self, nat_logits, ctx):
+        return ctx.teacher_logits
+
+    def objective(self, ctx):
+        def objective(adv_logits, y, teacher_logits):  # move the student away from the teacher's answer
+            return losses.kl(adv_logits, teacher_logits)
+
+        objective.needs_nat = True
+        return objective
+
+    def loss(self, model, x, x_adv, y, ctx):
+        o, teacher = ctx.opts, ctx.teacher_logits
+        nat = model(x)
+        student = model(x_adv) if x_adv is not None else nat
+        # min(epoch / warm-up, 1), made continuous: the KD term starts at 0 and reaches full weight after
+        # kd_warmup_epochs. With a frozen teacher the wMSE term regresses the student's raw logits onto the
+        # teacher's; for a from-scratch student the study needed this ramp and, at beta 5, optim.grad_clip.
+        ramp = min(ctx.progress / o.kd_warmup_epochs, 1.0) if o.kd_warmup_epochs else 1.0
+        if o.kd_loss == "kl":
+            kd = losses.kl(student.float(), teacher)
+        else:
+            w = o.pair_weights(ctx, teacher, y, o.kd_temperature)
+            kd = losses.gkl(student.float(), teacher, w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric)
+        return o.ce_weight * losses.ce(nat, y) + ramp * kd, nat, student if x_adv is not None else None
