@@ -511,15 +511,20 @@ class AutoAttack:
             return None
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a torn or foreign file: say which, do not guess
-            raise UserError(f"cannot read AutoAttack state {self.state_path}: {e}; delete it to start over") from e
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise UserError(f"{self.state_path} is not an advgkl AutoAttack state; delete it or pick another path")
+        except Exception as e:  # a torn or foreign file: say which in one line, never torch's weights_only advice
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty or cut short"
+            why = ("safe loading refused it: not a tensor file that advgkl wrote"
+                   if first.startswith("Weights only load failed") else first.split(". ")[0])
+            raise UserError(f"cannot read AutoAttack state {self.state_path} ({why}); "
+                            "delete it or choose another --out") from e
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT or not isinstance(
+                state.get("fingerprint"), dict):
+            raise UserError(f"{self.state_path} is not an advgkl AutoAttack state; delete it or choose another --out")
         old = state["fingerprint"]
         diff = [f"{k}: state {old.get(k)!r} vs now {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
         if diff:
             raise UserError(f"AutoAttack state {self.state_path} belongs to a different evaluation ("
-                            + "; ".join(diff) + "); delete it or pass another state_path")
+                            + "; ".join(diff) + "); delete it or choose another --out")
         return state
 
     def _save(self, state: dict, world: "distributed.World") -> None:

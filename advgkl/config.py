@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -187,6 +188,7 @@ POSITIVE = {
     "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
     "runtime.checkpoint_every", "runtime.dist_timeout_s",
 }
+MAX_EPOCHS = 100_000  # a typo guard (1e11 trains forever), far above any published schedule
 _EXPONENT = re.compile(r"^\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*$")
 _FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
@@ -232,6 +234,13 @@ def _coerce(key: str, value, typ):
     raise UserError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
+def _did_you_mean(value, allowed) -> str:
+    """'; did you mean 'gkl_at'?' when one allowed name is close to ``value`` (case ignored), else ''."""
+    names = {str(a).lower(): str(a) for a in allowed}
+    close = difflib.get_close_matches(str(value).lower(), list(names), n=1, cutoff=0.7)
+    return f"; did you mean {names[close[0]]!r}?" if close else ""
+
+
 def _build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
         raise UserError(f"{prefix or 'recipe'}: expected a mapping of keys, got {raw!r}")
@@ -241,7 +250,7 @@ def _build(cls, raw: dict, prefix: str):
     if unknown:
         where = f"method {raw.get('name', 'gkl_at')}" if issubclass(cls, MethodOptions) else prefix or "top level"
         raise UserError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
-                        f"allowed keys: {', '.join(sorted(known))}")
+                        f"allowed keys: {', '.join(sorted(known))}{_did_you_mean(unknown[0], known)}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -260,7 +269,8 @@ def _validate(cfg: Config) -> None:
     flat = _flatten(cfg.to_dict())
     for key, allowed in choices().items():
         if flat[key] not in allowed:
-            raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+            raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}"
+                            f"{_did_you_mean(flat[key], allowed)}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise UserError(f"{key}: must be >= 0, got {flat[key]}")
@@ -269,6 +279,19 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"{key}: must be > 0, got {flat[key]}")
     cfg.method.check()
     _validate_relations(cfg)
+
+
+def _validate_new_recipe(cfg: Config) -> None:
+    """Rules for a job about to start, not for a config read back from a checkpoint (``from_saved``): a
+    run this code trained and saved before the rule existed must stay loadable and evaluable."""
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.epochs > MAX_EPOCHS:
+        raise UserError(f"optim.epochs: must be <= {MAX_EPOCHS}, got {cfg.optim.epochs}")
+    if cfg.attack.norm == "Linf":  # pixels lie in [0, 1]: a larger L-inf radius allows any image at all
+        for key, eps in (("attack.eps", cfg.attack.eps), ("eval.eps", cfg.eval.eps)):
+            if eps > 1:
+                raise UserError(f"{key}: must be <= 1 with attack.norm Linf (images are in [0, 1]), got {eps}")
 
 
 def _validate_relations(cfg: Config) -> None:
@@ -307,11 +330,64 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_yaml(text: str, source: str):
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` (same tags, no Python objects) that refuses a key given twice in one mapping, at
+    any depth, instead of keeping the last value silently. Keys written differently but equal once read
+    (1 and 0x1, yes and true) are the same key, as they would be in the resulting dict."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._refuse_duplicates(node)
+        return self.construct_document(node)
+
+    def _refuse_duplicates(self, root) -> None:
+        todo, seen_nodes = [(root, "")], set()
+        while todo:  # iterative, and each node once: aliases share nodes (and may nest recursively)
+            node, path = todo.pop()
+            if id(node) in seen_nodes:
+                continue
+            seen_nodes.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first_line = {}
+                for key_node, value_node in node.value:
+                    if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                        todo.append((value_node, path))  # merged keys may be overridden; others fail later
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    dotted = f"{path}.{key}" if path else str(key)
+                    if key in first_line:
+                        raise _DuplicateKey(dotted, line, first_line[key])
+                    first_line[key] = line
+                    todo.append((value_node, dotted))
+
+
+def _read_yaml(text: str, source: str, *, override: str = ""):
+    """Parse a recipe file's text (``source``: its path) or an override's value (``override``: its key)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        if override:
+            raise UserError(f"override {override}: duplicate key '{override}.{e.key}'") from None
+        where = f"recipe {source} line {e.line}"
+        raise UserError(f"{where}: duplicate key '{e.key}' (first on line {e.first})") from None
     except yaml.YAMLError as e:  # includes tags like !!python/object that safe_load refuses
         raise UserError(f"{source}: not a valid recipe YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{source}: not a valid recipe YAML (nested too deeply)") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -320,18 +396,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=0.1")
         key, text = item.split("=", 1)
-        value = _read_yaml(text, f"override {key}") if text.strip() else ""
+        parts = [part.strip() for part in key.split(".")]
+        if not all(parts):  # optim.=1, .lr=1, =1
+            raise UserError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=0.1")
+        key = ".".join(parts)
+        value = _read_yaml(text, f"override {key}", override=key) if text.strip() else ""
         node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or written empty (`optim:` in YAML): a new section
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise UserError(f"override {key}: {part} is not a section")
+                where = ".".join(parts[:depth + 1])
+                raise UserError(f"override {key}: {where} is {node!r}, not a section")
         node[parts[-1]] = value
     return raw
 
 
 def from_dict(raw: dict) -> Config:
+    """A new job's config: every key and value checked. ``{}`` is the defaults (a recipe *file* may not be
+    empty: ``load_config``)."""
+    cfg = _build(Config, raw or {}, "")
+    _validate_new_recipe(cfg)  # first: optim.lr -1 and 0 get the same message
+    _validate(cfg)
+    return cfg
+
+
+def _from_dict(raw: dict) -> Config:
+    """A saved config: the same checks without ``_validate_new_recipe``."""
     cfg = _build(Config, raw or {}, "")
     _validate(cfg)
     return cfg
@@ -351,20 +443,42 @@ def from_saved(raw: dict) -> Config:
         if "sample_temperature" in fields and "sample_temperature" not in method:
             method["sample_temperature"] = method.get("prior_temperature", 4.0)  # it served both, then
         raw["method"] = {k: v for k, v in method.items() if k in fields}
-    return from_dict(raw)
+    return _from_dict(raw)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a recipe with ``yaml.safe_load``, apply dotted overrides, validate everything."""
+    """Read a recipe (safe YAML, UTF-8, no key twice, not empty), apply dotted overrides, validate everything."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
-    raw = _read_yaml(path.read_text(), str(path))
-    if raw is None:
-        raw = {}
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path} is not a YAML text file (byte {e.start} is not UTF-8)") from None
+    raw = _read_yaml(text, str(path))
+    if raw is None or raw == {}:  # blank, only comments, `---` or `{}`: not a recipe, the defaults by accident
+        raise UserError(f"recipe {path} is empty; start from experiments/recipes/fmnist_gkl_demo.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
     return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_diff(saved: dict, now: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[tuple]:
+    """(dotted key, saved value, new value) for each leaf that differs, except keys starting with ``ignore``."""
+    diff = []
+    for k in sorted(set(saved) | set(now), key=str):
+        key = f"{prefix}{k}"
+        if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
+            diff += config_diff(saved[k], now[k], ignore, key + ".")
+        elif saved.get(k) != now.get(k) and not key.startswith(ignore):
+            diff.append((key, saved.get(k), now.get(k)))
+    return diff
 
 
 def to_yaml(cfg: Config) -> str:

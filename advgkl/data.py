@@ -11,6 +11,7 @@ Dataset objects or worker processes: indexing a tensor on the GPU is the whole p
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import math
@@ -18,6 +19,7 @@ import os
 import pickle
 import shutil
 import struct
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -168,20 +170,52 @@ def _load_fashion_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Te
                 f"(files go to {FMNIST_SYSTEM_DIR}/ and are copied here on first use), or put "
                 f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
                 f"t10k-labels-idx1-ubyte (optionally .gz) into {raw}/")
-        _install_fmnist(raw)
+        try:
+            _install_fmnist(raw)
+        except OSError as err:  # read-only HOME or data root, a file in the way, a full disk
+            # the copy only saves a gunzip per load: read the Debian package's files where they are
+            if raw not in _READ_IN_PLACE and os.environ.get("RANK", "0") == "0":  # once, and by one rank
+                _READ_IN_PLACE.add(raw)
+                print(f"note: cannot copy Fashion-MNIST into {raw} ({_os_reason(err, raw)}); reading it from "
+                      f"{FMNIST_SYSTEM_DIR}/ in place. Set ADVGKL_DATA or data.root to a writable folder to "
+                      "keep an unpacked copy", file=sys.stderr, flush=True)
+            return _load_idx_pair(FMNIST_SYSTEM_DIR, train)
     return _load_idx_pair(raw, train)
 
 
 def _install_fmnist(raw: Path) -> None:
-    """Gunzip the Debian package's files into raw/ (each via a temp file + rename: parallel runs are safe)."""
+    """Gunzip the Debian package's files into raw/ (each via a temp file + rename: parallel runs are safe).
+
+    On failure no temp file is left behind; files already copied stay (each one is complete).
+    """
     raw.mkdir(parents=True, exist_ok=True)
     for stem in (*_IDX[True], *_IDX[False]):
         if (raw / stem).is_file():
             continue
         tmp = raw / f".{stem}.{os.getpid()}.tmp"
-        with gzip.open(FMNIST_SYSTEM_DIR / f"{stem}.gz", "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, raw / stem)
+        try:
+            with gzip.open(FMNIST_SYSTEM_DIR / f"{stem}.gz", "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, raw / stem)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
+
+
+_READ_IN_PLACE: set[Path] = set()  # Fashion-MNIST folders already reported as unwritable (one note each)
+
+
+# errno values that mean "this folder cannot be written" rather than "the network failed"
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+
+
+def _os_reason(err: OSError, folder: Path | None = None) -> str:
+    """``Not a directory: /path`` for an OSError, on one line (the path left out when it is ``folder``)."""
+    what = err.strerror or " ".join(str(err).split())
+    return f"{what}: {err.filename}" if err.filename and str(err.filename) != str(folder) else what
 
 
 def _load_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +244,9 @@ def _download_or_explain(name: str, root: Path, what: str) -> None:
     try:
         _download(name, root)
     except Exception as err:  # offline, proxy, disk: all mean the same thing to the user
+        if isinstance(err, OSError) and err.errno in _NOT_WRITABLE:
+            raise UserError(f"{name} not found in {root}, and it cannot be downloaded there ({_os_reason(err, root)}). "
+                            f"Set ADVGKL_DATA or data.root to a writable folder, or put {what}") from None
         reason = " ".join(str(err).split())  # torchvision lists every mirror it tried, a line each
         raise UserError(f"{name} not found and the automatic download failed ({type(err).__name__}: {reason}). "
                         f"Put {what}") from err

@@ -212,8 +212,16 @@ def process_group(device: str = "auto", timeout_s: float = 1800):
     waits longer than ``timeout_s`` (a rank died or hangs) fails instead of hanging forever, and a lost
     peer becomes one ``UserError`` line. Outside torchrun this yields ``World()``; inside an existing
     group (tests that set one up) it uses that group and leaves it open.
+
+    A group this function opened is closed before it returns whenever that is safe: after a success all ranks
+    meet at a barrier (no collective still in flight anywhere), then destroy the group, which stops its
+    threads. A group left for the interpreter's exit to clean up can have threads that still need the GIL
+    after Python is gone (torch's destroy_process_group says as much), which aborts a finished rank
+    (SIGABRT). After an error of this rank's own (a ``UserError``, a bug, Ctrl-C) a gloo group is destroyed
+    without the barrier. A group whose peer died or hangs, and an NCCL group after any error, are left
+    open: tearing them down can wait on work that never completes, and the job has failed anyway.
     """
-    owned = False
+    owned, cuda = False, False
     if dist.is_available() and dist.is_initialized():
         world = current()
     elif launched():
@@ -232,15 +240,42 @@ def process_group(device: str = "auto", timeout_s: float = 1800):
         return
     try:
         yield world
-    except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))):
+    except BaseException as e:
+        lost = isinstance(e, RuntimeError) and _peer_lost(e)
+        if owned and not cuda and not lost:
+            _destroy_quietly()
+        if lost:
+            raise _lost_contact(e, world, timeout_s if owned else None) from e
+        raise
+    if owned:
+        try:
+            dist.barrier()  # every rank is done: no collective still in flight towards this one
+        except RuntimeError as e:
+            if _peer_lost(e):
+                raise _lost_contact(e, world, timeout_s) from e
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        limit = f"{timeout_s:g} s, " if owned else ""
-        raise UserError(f"{world} lost contact with the other processes ({first}); another rank failed (its "
-                        f"error is in the log above) or hung (timeout: {limit}runtime.dist_timeout_s)") from e
-    if owned:  # only after success: tearing down NCCL while a peer is stuck can itself hang
         dist.destroy_process_group()
+
+
+def _destroy_quietly() -> None:
+    """Destroy the default group on an error path, where the error in flight is the one to report."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a half-broken group: the original error matters more than this one
+        pass
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """What gloo and NCCL raise when a peer died or hung."""
+    return isinstance(e, dist.DistError) or bool(_PEER_LOST.search(str(e)))
+
+
+def _lost_contact(e: RuntimeError, world: World, timeout_s: float | None) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    limit = f"{timeout_s:g} s, " if timeout_s is not None else ""
+    return UserError(f"{world} lost contact with the other processes ({first}); another rank failed (its "
+                     f"error is in the log above) or hung (timeout: {limit}runtime.dist_timeout_s)")
 
 
 def local_batch_size(global_batch_size: int, world: World) -> int:

@@ -31,24 +31,33 @@ def _slack(n: int) -> float:
 
 
 @torch.no_grad()
-def pgd_correct(model, x, y, *, eps: float, norm: str, steps: int, device, batch_size: int = 500) -> torch.Tensor:
-    """Per-point correctness (bool [N]) under PGD-``steps`` on CE with a uniform random start."""
+def pgd_correct(model, x, y, *, eps: float, norm: str, steps: int, device, batch_size: int = 500,
+                bar=None) -> torch.Tensor:
+    """Per-point correctness (bool [N]) under PGD-``steps`` on CE with a uniform random start.
+
+    ``bar``: a tqdm bar advanced by one per batch, or None.
+    """
     atk = PGD(model, eps=eps, steps=steps, norm=norm, random_start="uniform")
     out = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out.append((model(atk(xb, yb)).argmax(1) == yb).cpu())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
 def check(model, x, y, *, eps: float, norm: str, aa_robust: torch.Tensor | None = None,
           broken_by: list[int] | None = None, attacks: list[str] | None = None, steps: int = 20,
-          device="cpu", batch_size: int = 500) -> dict:
+          device="cpu", batch_size: int = 500, progress: bool = False) -> dict:
     """Run the four checks; returns {"suspicious_gradient_masking": bool, "warnings": [...], ...}.
 
     ``aa_robust`` is AutoAttack's per-point robust flag (bool [N]); ``broken_by``/``attacks`` its
-    per-point breaking attack (k = attacks[k-1], -1 robust, 0 wrong when clean).
+    per-point breaking attack (k = attacks[k-1], -1 robust, 0 wrong when clean). ``progress``: a tqdm
+    bar over the PGD batches of every radius (callers pass False on ranks other than 0).
     """
+    from tqdm.auto import tqdm
+
     model.eval()
     n = len(x)
     slack = _slack(n)
@@ -57,11 +66,16 @@ def check(model, x, y, *, eps: float, norm: str, aa_robust: torch.Tensor | None 
     radii = sorted({min(eps * m, big) for m in EPS_MULTIPLIERS} | {big})
     acc = {}
     pgd_at_eps = None
+    bar = tqdm(total=len(radii) * math.ceil(n / batch_size), desc="gradient-masking checks", unit="batch",
+               disable=not progress)
     for r in radii:
-        correct = pgd_correct(model, x, y, eps=r, norm=norm, steps=steps, device=device, batch_size=batch_size)
+        bar.set_postfix_str(f"PGD-{steps} at eps {r:.3g}")
+        correct = pgd_correct(model, x, y, eps=r, norm=norm, steps=steps, device=device, batch_size=batch_size,
+                              bar=bar)
         acc[r] = correct.float().mean().item()
         if r == min(eps * 1.0, big):
             pgd_at_eps = correct
+    bar.close()
     report = {"pgd_steps": steps, "pgd_acc_by_eps": {f"{r:.6g}": a for r, a in acc.items()},
               "huge_eps": big}
 

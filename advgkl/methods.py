@@ -44,7 +44,12 @@ def register_method(name: str):
 
 def get_method(name: str) -> "Method":
     if name not in METHODS:
-        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
+        import difflib  # the suggestion as in advgkl.config's messages: one close name, case ignored
+
+        names = {n.lower(): n for n in METHODS}
+        close = difflib.get_close_matches(str(name).lower(), list(names), n=1, cutoff=0.7)
+        hint = f"; did you mean {names[close[0]]!r}?" if close else ""
+        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}{hint}")
     return METHODS[name]
 
 

@@ -9,6 +9,8 @@ methods lives in ``advgkl.methods``; AWP and the weight EMA in ``advgkl.weights`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from . import distributed, evaluate, honesty
 from .attacks import TRAINING_ATTACKS
 from .checkpoint import (FORMAT, RunLock, atomic_torch_save, environment_info, load_checkpoint, rng_state,
                          seed_everything, set_rng_state, write_json)
-from .config import Config, from_saved, to_yaml
+from .config import Config, config_diff, from_saved, to_yaml
 from .data import BatchLoader, dataset_info, load_dataset, load_generated_npz, split_validation, take_subset
 from .errors import UserError
 from .logging import RunLogger
@@ -156,7 +158,7 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, *, eps: float, s
         s.awp.perturb(model, lambda net: forward_loss(s, net, x, x_adv, y)[0])
     loss, nat, adv = forward_loss(s, s.nets.train, x, x_adv, y)
     if not s.world.all_finite(loss):
-        where = f"; the last good checkpoint is {s.last_path}" if s.last_path else ""
+        where = f"; the last good checkpoint is {s.last_path}" if s.last_path and s.last_path.exists() else ""
         raise UserError(f"the loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step} (lr {lr:.4g}){where}")
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -179,22 +181,22 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
     """Train ``cfg`` into ``out_dir``, evaluate at the end, write results.json; returns the results.
 
     Under torchrun every process calls this and trains with DistributedDataParallel
-    (``advgkl.distributed``); only rank 0 touches ``out_dir``.
+    (``advgkl.distributed``); only rank 0 touches ``out_dir``. Bad data settings are refused before
+    ``out_dir`` is created; a finished run resumed with the same eval settings is only re-reported.
     """
-    out = Path(out_dir)
-    resume = resume or cfg.runtime.resume == "auto"
+    out, last_path = Path(out_dir), Path(out_dir) / "checkpoints" / "last.pt"
+    if resume and cfg.runtime.resume == "never":  # what config.yaml records: this job resumes
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, resume="auto"))
+    resume = cfg.runtime.resume == "auto"
     with distributed.process_group(cfg.runtime.device, cfg.runtime.dist_timeout_s) as world, \
             contextlib.ExitStack() as lock:
-        error = None
-        if world.is_main:
-            try:
-                _claim_output(out, out / "checkpoints" / "last.pt", resume)
-                lock.enter_context(RunLock(out))
-            except UserError as e:
-                error = e
-        world.agree(error)  # rank 0's refusal ends every rank
+        world.agree(_on_main(world, _check_output, out, last_path, resume))  # rank 0's refusal ends every rank
+        finished = world.broadcast(_finished_results(cfg, out) if world.is_main and resume else None)
+        if finished is not None:
+            return finished
+        s = build(cfg, world, last_path=last_path)
+        world.agree(_on_main(world, lambda: lock.enter_context(_create_output(out))))
         saved = _start_run(cfg, out, resume, world)
-        s = build(cfg, world, last_path=out / "checkpoints" / "last.pt")
         if saved is not None:
             restore(s, saved)
         logger = (RunLogger(out, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.name,
@@ -210,9 +212,24 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
         return finish(s, out, logger)
 
 
-def _claim_output(out: Path, last_path: Path, resume: bool) -> None:
+def _on_main(world: distributed.World, fn, *args) -> UserError | None:
+    """Run ``fn`` on rank 0 only; its ``UserError``, returned for ``world.agree``, ends every rank."""
+    try:
+        if world.is_main:
+            fn(*args)
+    except UserError as e:
+        return e
+    return None
+
+
+def _check_output(out: Path, last_path: Path, resume: bool) -> None:
     if not resume and (last_path.exists() or (out / "results.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+
+
+def _create_output(out: Path) -> RunLock:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -220,6 +237,27 @@ def _claim_output(out: Path, last_path: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
+    return RunLock(out)
+
+
+def _refuse_changed_recipe(saved: dict, cfg: Config, out: Path) -> None:
+    diff = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_diff(saved, cfg.to_dict(), RESUMABLE_CHANGES)]
+    if diff:
+        raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in " + "; ".join(diff))
+
+
+def _finished_results(cfg: Config, out: Path) -> dict | None:
+    """The results of a finished run in ``out`` evaluated with the same eval settings, else None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    _refuse_changed_recipe(stored.get("config", {}), cfg, out)
+    if stored.get("config", {}).get("eval") != cfg.to_dict()["eval"]:
+        return None  # new eval settings: resume evaluates the final weights again
+    print(f"{out} has finished; its results.json is unchanged (change eval.* settings to evaluate again)",
+          flush=True)
+    return {**stored, "wandb_dir": None}
 
 
 def _start_run(cfg: Config, out: Path, resume: bool, world: distributed.World) -> dict | None:
@@ -229,18 +267,35 @@ def _start_run(cfg: Config, out: Path, resume: bool, world: distributed.World) -
     if world.is_main:
         try:
             saved = load_checkpoint(last_path) if resume and last_path.exists() else None
-            diff = _config_diff(saved["config"], cfg.to_dict()) if saved is not None else []
-            if diff:
-                raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in "
-                                + "; ".join(diff))
+            if saved is not None:
+                _refuse_changed_recipe(saved["config"], cfg, out)
         except UserError as e:
             error = e
         if error is None:
-            print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
-                  + f"\n{to_yaml(cfg)}", flush=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
+            print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
+                  + "\n" + summary(cfg) + f"\n  full recipe: {out / 'config.yaml'}", flush=True)
     world.agree(error)
     return world.broadcast(saved)
+
+
+def summary(cfg: Config) -> str:
+    """The recipe in a few lines for the screen; config.yaml holds all of it."""
+    d, m, a, o, e = cfg.data, cfg.method, cfg.attack, cfg.optim, cfg.eval
+    options = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(m).items() if k != "name")
+    tricks = "".join([", AWP" if cfg.awp.enabled else "", f", EMA {cfg.ema.decay:g}" if cfg.ema.enabled else ""])
+    attack = (f"{a.name} {a.norm} eps {a.eps:g}, {a.steps} steps, {a.eps_schedule} eps"
+              if get_method(m.name).adversarial(m) else "none: clean inputs")
+    evaluation = "none" if e.version == "none" else f"AutoAttack {e.version} on {e.n_examples or 'all'} test points"
+    return "\n".join([
+        f"  data    {d.dataset}, {d.subset or 'all'} training images, {d.val_size} held out, batch {d.batch_size}, "
+        f"augment {d.augment}",
+        f"  model   {cfg.model.name}" + (f" {cfg.model.kwargs}" if cfg.model.kwargs else ""),
+        f"  method  {m.name}" + (f" ({options})" if options else ""),
+        f"  attack  {attack}",
+        f"  optim   {o.name}, lr {o.lr:g} {o.schedule}, {o.epochs} epochs{tricks}; seed {cfg.runtime.seed}",
+        f"  eval    {evaluation}",
+    ])
 
 
 def build(cfg: Config, world: distributed.World, last_path: Path | None = None) -> TrainState:
@@ -252,6 +307,7 @@ def build(cfg: Config, world: distributed.World, last_path: Path | None = None) 
     _configure_torch(cfg, device)
     seed_everything(cfg.runtime.seed)
     loader, val, num_classes = _build_data(cfg, world, device)
+    evaluate.check_test_size(cfg)  # refused now, not after training
     s = build_state(cfg, build_model(cfg), device, num_classes, world)
     s.loader, s.val, s.last_path = loader, val, last_path
     if world.rank:  # the weights above are identical on all ranks; random starts from here on are not
@@ -504,6 +560,11 @@ def load_training_data(cfg: Config):
     d = cfg.data
     kw = {"image_size": d.image_size} if d.dataset == "imagefolder" else {}
     train_x, train_y = load_dataset(d.dataset, data_root(cfg), train=True, **kw)
+    if d.val_size >= len(train_y):
+        raise UserError(f"data.val_size={d.val_size}: the {d.dataset} training set has {len(train_y)} images")
+    if d.subset > len(train_y) - d.val_size:
+        raise UserError(f"data.subset={d.subset}: the {d.dataset} training set has {len(train_y) - d.val_size} images"
+                        + (f" after data.val_size={d.val_size}" if d.val_size else "") + " (0 = all)")
     val = None
     if d.val_size:
         (train_x, train_y), val = split_validation(train_x, train_y, d.val_size, cfg.runtime.seed)
@@ -517,16 +578,3 @@ RESUMABLE_CHANGES = ("eval.", "logging.", "runtime.resume", "runtime.device", "r
                      "runtime.checkpoint_every", "name",
                      # like the number of processes, which a resume may also change
                      "runtime.dist_timeout_s", "runtime.sync_bn")
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _config_diff(a[k], b[k], key + ".")
-        elif a.get(k) != b.get(k) and not key.startswith(RESUMABLE_CHANGES):
-            keys.append(f"{key}: {a.get(k)!r} -> {b.get(k)!r}")
-    return keys
-
-

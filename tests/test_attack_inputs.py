@@ -201,18 +201,20 @@ def test_a_torn_state_file_is_a_user_error(tiny, tmp_path):
     with pytest.raises(UserError) as err:
         AutoAttack(model, eps=0.1, version="fast", state_path=state, progress=False)(x, wrong)
     msg = str(err.value)
-    assert msg.startswith(f"cannot read AutoAttack state {state}: ") and msg.endswith("; delete it to start over")
+    assert msg == (f"cannot read AutoAttack state {state} (PytorchStreamReader failed reading zip archive: not a ZIP "
+                   "archive); delete it or choose another --out")
     assert state.read_bytes() == b"PK\x03\x04 truncated zip"  # never overwritten behind the user's back
 
 
-@pytest.mark.parametrize("content", [[1, 2, 3], {"format": 99, "fingerprint": {}}, {"clean_correct": None}])
+@pytest.mark.parametrize("content", [[1, 2, 3], {"format": 99, "fingerprint": {}}, {"clean_correct": None},
+                                     {"format": 1, "clean_correct": None}])  # format 1, no fingerprint
 def test_a_foreign_torch_file_is_not_taken_for_a_state(tiny, tmp_path, content):
     model, x, _, wrong = tiny
     state = tmp_path / "aa_state.pt"
     torch.save(content, state)
     with pytest.raises(UserError) as err:
         AutoAttack(model, eps=0.1, version="fast", state_path=state, progress=False)(x, wrong)
-    assert str(err.value) == f"{state} is not an advgkl AutoAttack state; delete it or pick another path"
+    assert str(err.value) == f"{state} is not an advgkl AutoAttack state; delete it or choose another --out"
 
 
 def test_a_state_of_another_evaluation_names_every_difference(tiny, tmp_path):
@@ -226,7 +228,7 @@ def test_a_state_of_another_evaluation_names_every_difference(tiny, tmp_path):
     with pytest.raises(UserError) as err:
         AutoAttack(model, eps=0.05, batch_size=7, **kw)(x, wrong)
     assert str(err.value) == (f"AutoAttack state {state} belongs to a different evaluation (eps: state 0.1 vs now "
-                              "0.05; batch_size: state 500 vs now 7); delete it or pass another state_path")
+                              "0.05; batch_size: state 500 vs now 7); delete it or choose another --out")
 
 
 def test_verbose_prints_each_attacks_robust_accuracy(tiny, capsys):

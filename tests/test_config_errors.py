@@ -66,7 +66,9 @@ def test_unknown_keys_list_what_is_allowed_where():
     message = error_of(overridden, "optim.lrr=0.1")
     head, allowed = message.split("; allowed keys: ")
     assert head == "unknown key optim.lrr in optim"
+    allowed, hint = allowed.split("; ")  # a close allowed key is suggested last
     assert allowed.split(", ") == sorted(f.name for f in dataclasses.fields(OptimConfig))
+    assert hint == "did you mean 'lr'?"
 
 
 # ---------------------------------------------------------------- values, each rule at its boundary
@@ -150,21 +152,23 @@ def test_override_syntax_errors_name_the_override():
         "override 'method.beta': expected dotted.key=value, e.g. optim.lr=0.1")
     message = error_of(apply_overrides, {}, ["optim.milestones=[1, 2"])
     assert message.startswith("override optim.milestones: not a valid recipe YAML (") and message.endswith(")")
-    assert error_of(apply_overrides, {"name": "demo"}, ["name.x=1"]) == "override name.x: name is not a section"
+    assert error_of(apply_overrides, {"name": "demo"}, ["name.x=1"]) == "override name.x: name is 'demo', not a section"
 
 
 def test_an_override_into_a_scalar_of_a_recipe_file(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: demo\n")
-    assert error_of(load_config, recipe, ["name.x=1"]) == "override name.x: name is not a section"
+    assert error_of(load_config, recipe, ["name.x=1"]) == "override name.x: name is 'demo', not a section"
 
 
 @pytest.mark.parametrize("content", ["", "# only a comment\n", "---\n"])
-def test_an_empty_recipe_is_the_defaults_plus_overrides(tmp_path, content):
+def test_an_empty_recipe_is_refused_even_with_overrides(tmp_path, content):  # issue 17: it was a default run
     recipe = tmp_path / "empty.yaml"
     recipe.write_text(content)
-    assert load_config(recipe) == Config()
-    assert load_config(recipe, ["optim.epochs=3"]).optim.epochs == 3
+    message = f"recipe {recipe} is empty; start from experiments/recipes/fmnist_gkl_demo.yaml"
+    assert error_of(load_config, recipe) == message
+    assert error_of(load_config, recipe, ["optim.epochs=3"]) == message
+    assert from_dict({}) == Config()  # from Python, a partial (or empty) dict is still the defaults
 
 
 @pytest.mark.parametrize("content,kind", [("- a\n- b\n", "list"), ("42\n", "int"), ("just words\n", "str")])
@@ -176,7 +180,7 @@ def test_a_recipe_that_is_not_a_mapping_names_the_file_and_what_it_is(tmp_path, 
 
 def test_missing_or_unreadable_recipe_names_the_file(tmp_path):
     assert error_of(load_config, tmp_path / "nope.yaml") == f"recipe {tmp_path / 'nope.yaml'} does not exist"
-    assert error_of(load_config, tmp_path) == f"recipe {tmp_path} does not exist"  # a folder is no recipe
+    assert error_of(load_config, tmp_path) == f"recipe {tmp_path} is a folder, not a YAML file"
     broken = tmp_path / "broken.yaml"
     broken.write_text("data: [1, 2\n")
     message = error_of(load_config, broken)

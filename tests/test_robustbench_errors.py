@@ -196,8 +196,8 @@ def test_ensemble_entry_needs_one_file_per_member(tmp_path):
         rbio.load_leaderboard_model(name, "cifar10", "Linf", tmp_path, download=False)
     msg = _one_line(e)
     m0 = base.parent / f"{name}.pt_m0.pt"  # robustbench's naming: '{model_path}_m{i}.pt'
-    assert msg.startswith(f"checkpoint for {name} not found and downloads are off. Put the file for {name} at "
-                          f"{m0.resolve()} ")
+    assert msg.startswith(f"checkpoint for {name} not found in --model-dir {tmp_path} and downloads are off "
+                          f"(--offline). Put the file for {name} at {m0.resolve()} ")
     assert msg.endswith(f"https://drive.google.com/uc?id={ids[0]}")
 
     base.parent.mkdir(parents=True)
@@ -262,13 +262,13 @@ def test_reproduce_refuses_a_finished_out_without_resume(r18_setup, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == [rbio.REPORT_NAME]
 
 
-def test_reproduce_reads_the_default_data_root(tmp_path, monkeypatch):
+def test_reproduce_reads_the_default_data_root(r18_setup, tmp_path, monkeypatch):
     images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
     write_cifar10_test_batch(tmp_path / "default_data", images, torch.tensor([0, 1, 2]))
     monkeypatch.setattr(advgkl.data, "DEFAULT_ROOT", tmp_path / "default_data")  # $ADVGKL_DATA at import
     with pytest.raises(UserError) as e:  # the 3-image test set written above is the one read
-        rbio.reproduce(R18, n_examples=4, model_dir=tmp_path / "models", out_dir=tmp_path / "out", device="cpu",
-                       wandb="disabled", download=False)
+        rbio.reproduce(R18, n_examples=4, model_dir=r18_setup["model_dir"], out_dir=tmp_path / "out",
+                       device="cpu", wandb="disabled", download=False)  # the checkpoint is checked first
     assert _one_line(e) == "--n-examples must be between 1 and 3 (the cifar10 test set), got 4"
 
 

@@ -191,7 +191,7 @@ def test_eval_cli_refuses_a_non_checkpoint(tmp_path, capsys):
     bad = tmp_path / "model.pt"
     bad.write_text("<html>502 Bad Gateway</html>")
     assert cli.main(["eval", str(bad)]) == 2
-    assert "not a loadable checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"advgkl eval: error: {bad} is an HTML page, not a checkpoint (a failed download?)\n"
 
 
 def test_existing_run_folder_needs_resume_and_lock_blocks_a_second_job(fmnist_root, tmp_path):

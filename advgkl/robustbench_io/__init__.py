@@ -3,7 +3,8 @@
 One module per job; each imports only the ones above it in this list, never the reverse:
 
 - ``zoo``: ``import_robustbench()`` (makes robustbench import in advgkl's pinned environment), its
-  model zoo, and checkpoint files: ``checkpoint_path``, ``check_checkpoint_file``, download, load.
+  model zoo, and checkpoint files: ``checkpoint_path``, ``check_checkpoint_file``, ``hub_weights`` (the
+  XCiT entries' timm/torch.hub weights), download, load.
 - ``board``: the shipped metadata (``advgkl/model_info/``): ``supported``, ``leaderboard``,
   ``leaderboard_entry``, ``format_leaderboard``, ``parse_eps``, ``format_eps``, and
   ``load_leaderboard_model`` (a zoo model, checked before robustbench sees its file).

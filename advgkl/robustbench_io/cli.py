@@ -83,7 +83,8 @@ def _add_reproduce(subparsers) -> None:
                    help="AutoAttack version (default and leaderboard: standard; fast = APGD-CE + APGD-T screening)")
     p.add_argument("--attacks", nargs="+", default=None, help="with --version custom, e.g. apgd-ce apgd-t")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--offline", action="store_true", help="never download; a missing checkpoint is an error")
+    p.add_argument("--offline", action="store_true",
+                   help="never download anything: a missing checkpoint (checked first) or test set is an error")
     p.add_argument("--resume", action="store_true",
                    help="reuse an --out that holds this reproduce run: continue its saved AutoAttack state, or "
                         "return a finished one's numbers at once (without it such an --out is refused)")

@@ -5,7 +5,6 @@ The claim is judged through 95 % Wilson score intervals over the N test points; 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advgkl.checkpoint import file_sha256
 from advgkl.errors import UserError
 from advgkl.runtime import resolve_device
 
@@ -104,7 +104,9 @@ def reproduce(name: str, dataset: str = "cifar10", threat_model: str = "Linf", *
     prints a summary through ``echo``. AutoAttack's state lives in ``{out_dir}/autoattack_state.pt``.
     An ``out_dir`` that already holds a reproduce run is refused unless ``resume``: then a killed
     evaluation continues and a finished one returns its numbers at once. A different configuration in
-    the same ``out_dir`` is refused either way.
+    the same ``out_dir`` is refused either way. The checkpoint is loaded before the test set is read; with
+    ``download=False`` nothing is downloaded, and a missing checkpoint (or the timm-hosted weights of an
+    XCiT entry), then a missing test set, is a one-line UserError naming the file and --model-dir / --data-dir.
     """
     from advgkl.checkpoint import RunLock
     from advgkl.data import load_dataset
@@ -112,19 +114,24 @@ def reproduce(name: str, dataset: str = "cifar10", threat_model: str = "Linf", *
     entry = leaderboard_entry(name, dataset, threat_model)
     eps = parse_eps(entry["eps"])
     dev = resolve_device(device, flag="--device")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if data_dir is None:
         from advgkl.data import DEFAULT_ROOT as data_dir  # read at call time: tests and $ADVGKL_DATA move it
+    if out_dir is not None and not resume:  # the default --out depends on N, known once the data is read
+        _refuse_used_output(Path(out_dir))
+    # the checkpoint before the data: it is the bigger download, and the harder thing to fix
+    model = load_leaderboard_model(name, dataset, threat_model, model_dir, dev, download=download)
+    if not download:
+        _require_test_set(dataset, Path(data_dir).expanduser())
     x, y = load_dataset(dataset, data_dir, train=False)
     n_total = len(y)
     n = n_total if n_examples is None else int(n_examples)
     if not 1 <= n <= n_total:
         raise UserError(f"--n-examples must be between 1 and {n_total} (the {dataset} test set), got {n}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out_dir) if out_dir is not None else Path("runs") / "reproduce" / f"{dataset}_{threat_model}_{name}_n{n}"
     if not resume:
         _refuse_used_output(out)
-    model = load_leaderboard_model(name, dataset, threat_model, model_dir, dev, download=download)
     job = _Job(name=name, dataset=dataset, threat_model=threat_model, entry=entry, eps=eps, n=n, n_total=n_total,
                device=dev, out=out, model_dir=model_dir, data_dir=data_dir, batch_size=batch_size, wandb=wandb,
                version=version, attacks=attacks, seed=seed, progress=progress)
@@ -134,6 +141,22 @@ def reproduce(name: str, dataset: str = "cifar10", threat_model: str = "Linf", *
     echo(format_report(report))
     echo(f"report: {out / REPORT_NAME}")
     return report
+
+
+# the test-set file load_dataset reads for each RobustBench dataset, under data_dir
+_TEST_SET_FILES = {"cifar10": ("cifar-10-batches-py", "test_batch"), "cifar100": ("cifar-100-python", "test")}
+
+
+def _require_test_set(dataset: str, data_dir: Path) -> None:
+    """With downloads off, a missing test set is an error here (load_dataset would try to download it)."""
+    if dataset not in _TEST_SET_FILES:
+        return
+    folder, file = _TEST_SET_FILES[dataset]
+    if not (data_dir / folder / file).is_file():
+        where = f"{data_dir / folder}/ has no {file}" if (data_dir / folder).is_dir() else \
+            f"{data_dir / folder}/ does not exist"
+        raise UserError(f"{dataset} test set not found and downloads are off (--offline): {where}; point --data-dir "
+                        f"at the folder that holds {folder}/{file} (the python version of {dataset})")
 
 
 def _refuse_used_output(out: Path) -> None:
@@ -167,20 +190,12 @@ def _reproduce_locked(job: _Job, model: nn.Module, x: torch.Tensor, y: torch.Ten
     return report
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checkpoint_info(job: _Job) -> dict | None:
     """Path, size and sha256 of the checkpoint file; None for weights robustbench takes from the hub."""
     ckpt = checkpoint_path(job.name, job.dataset, job.threat_model, job.model_dir)
     if not ckpt.is_file():
         return None
-    return {"path": str(ckpt), "bytes": ckpt.stat().st_size, "sha256": _sha256(ckpt)}
+    return {"path": str(ckpt), "bytes": ckpt.stat().st_size, "sha256": file_sha256(ckpt)}
 
 
 def _identity(job: _Job, ckpt_info: dict | None) -> dict:

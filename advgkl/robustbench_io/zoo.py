@@ -93,32 +93,41 @@ def _gdrive_url(gdrive_id: str) -> str:
     return f"https://drive.google.com/uc?id={gdrive_id}"
 
 
-def _looks_like_html(head: bytes) -> bool:
-    text = head.lstrip().lower()
-    return text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in text[:1024]
-
-
 def check_checkpoint_file(path: str | Path, *, hint: str = "") -> dict:
     """Loads ``path`` fully with ``torch.load(weights_only=True)`` on the CPU and returns the mapping.
 
-    An empty file, an HTML page (what a failed Google-Drive download saves), a truncated or corrupt
-    file, or anything that is not a dict of tensors raises UserError ending with ``hint``.
+    A folder, an empty file, an HTML page (what a failed Google-Drive download saves), a file that is no
+    torch checkpoint, a truncated or corrupt one, one holding objects weights_only loading refuses, or
+    anything that is not a dict of tensors raises a one-line UserError ending with ``hint``. torch's own
+    message is not repeated: it advises loading with weights_only=False, which runs the file's code.
     """
+    from advgkl.checkpoint import looks_like_html, safe_torch_load, why_unloadable
+
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file.{hint}")
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"checkpoint {path} is empty; delete it and download it again.{hint}")
     with open(path, "rb") as f:
         head = f.read(4096)
-    if _looks_like_html(head):
+    if looks_like_html(head):
         raise UserError(f"checkpoint {path} is an HTML page, not a PyTorch file (a failed download saves the "
                         f"error page under the checkpoint's name); delete it and download it again.{hint}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"checkpoint {path} ({size} bytes) is not a readable PyTorch checkpoint: it is truncated "
-                        f"or corrupt ({type(e).__name__}: {reason}); delete it and download it again.{hint}") from None
+        kind, detail = why_unloadable(path, e)
+        what = {
+            "objects": f"holds objects that are not plain tensors/containers ({detail}); advgkl only loads "
+                       f"weights_only checkpoints",
+            "legacy": "is an old-format torch checkpoint that weights_only loading cannot read; advgkl only "
+                      "loads weights_only checkpoints",
+            "unreadable": f"cannot be read ({detail})",
+            "not-torch": f"({size} bytes) is not a torch checkpoint; delete it and download it again",
+        }.get(kind, f"({size} bytes) is not a readable PyTorch checkpoint: it is truncated or corrupt "
+                    f"({detail}); delete it and download it again")
+        raise UserError(f"checkpoint {path} {what}.{hint}") from None
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict.{hint}")
     return obj
@@ -145,33 +154,99 @@ def _fetch(gdrive_id: str, path: Path, hint: str) -> None:
     part.replace(path)
 
 
+def _timm_name(name: str, dataset: str, threat_model: str) -> str:
+    """The timm model id robustbench's ``load_model`` tries first (weights from timm, not from model_dir)."""
+    return f"{name.lower().replace('-', '_')}_{dataset}_{threat_model.lower()}"
+
+
+def hub_weights(name: str, dataset: str, threat_model: str) -> tuple[str, Path | None] | None:
+    """(URL, cached file) of a zoo entry whose weights timm downloads (the XCiT entries); None otherwise.
+
+    timm fetches the URL with ``torch.hub`` into ``{torch.hub.get_dir()}/checkpoints/`` ($TORCH_HOME/hub,
+    default ~/.cache/torch/hub) and reads that file on later calls; ``model_dir`` plays no part. The file
+    is None for weights on the Hugging Face hub (none of the zoo's entries in robustbench 1.1.1).
+    """
+    _zoo(dataset, threat_model)  # imports robustbench's model zoo, which registers its timm models
+    import timm
+
+    timm_name = _timm_name(name, dataset, threat_model)
+    if not timm.is_model(timm_name):
+        return None
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    url = getattr(cfg, "url", None) or ""
+    if not url:  # a Hugging Face hub id instead: its cache is huggingface_hub's, not torch.hub's
+        return f"the Hugging Face hub ({getattr(cfg, 'hf_hub_id', None) or timm_name})", None
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def _checkpoint_files(name: str, dataset: str, threat_model: str, model_dir: str | Path) -> list[tuple[Path, str]]:
     """(file, Google-Drive id) for every file robustbench's loader reads for ``name``; [] for hub weights."""
     gdrive = _zoo(dataset, threat_model)[name]["gdrive_id"]
     path = checkpoint_path(name, dataset, threat_model, model_dir)
-    timm_name = f"{name.lower().replace('-', '_')}_{dataset}_{threat_model.lower()}"
-    import timm
-
-    if gdrive is None or timm.is_model(timm_name):
-        return []  # weights come from the Hugging Face hub through timm, not from a file we can check
+    if gdrive is None or hub_weights(name, dataset, threat_model) is not None:
+        return []  # weights come through timm (torch.hub), not from a file in model_dir
     if isinstance(gdrive, list):  # ensembles: one file per member, robustbench's naming
         return [(Path(f"{path}_m{i}.pt"), gid) for i, gid in enumerate(gdrive)]
     return [(path, gdrive)]
+
+
+def _ensure_hub_weights(name: str, dataset: str, threat_model: str, *, download: bool) -> None:
+    """Offline, the file timm would download must already be in torch.hub's cache; a cached file must be one."""
+    hub = hub_weights(name, dataset, threat_model)
+    if hub is None:
+        return
+    url, cached = hub
+    if cached is None:
+        if not download:
+            raise UserError(f"the weights of {name} come from {url} through timm and downloads are off "
+                            f"(--offline); run once without --offline to cache them")
+        return
+    if cached.is_file():  # timm reads a cached file as is: a bad one is named here, not deep inside torch
+        from advgkl.checkpoint import sniff
+
+        kind = sniff(cached)
+        if kind != "torch":
+            what = {"empty": "is empty", "html": "is an HTML page (a failed download?)"}.get(
+                kind, "is not a torch checkpoint")
+            raise UserError(f"the cached weights of {name}, {cached}, {what}; delete the file so that timm "
+                            f"downloads it again from {url}")
+        return
+    if download:
+        return
+    raise UserError(f"the weights of {name} are not in torch.hub's cache and downloads are off (--offline): "
+                    f"timm (not --model-dir) provides them, from {url}; put that file at {cached} (the cache "
+                    f"follows $TORCH_HOME), or run once without --offline")
 
 
 def _ensure_checkpoint_files(name: str, dataset: str, threat_model: str, model_dir: str | Path, *,
                              download: bool) -> bool:
     """Downloads (when allowed) and checks every file robustbench will read; False when none is a file."""
     files = _checkpoint_files(name, dataset, threat_model, model_dir)
+    if not files:
+        _ensure_hub_weights(name, dataset, threat_model, download=download)
     for file, gid in files:
         hint = (f" Put the file for {name} at {file.resolve()} (RobustBench's layout "
                 f"{{model_dir}}/{{dataset}}/{{threat_model}}/{{name}}.pt); it is published at {_gdrive_url(gid)}")
+        if file.is_dir():
+            raise UserError(f"checkpoint {file} is a folder, not a checkpoint file.{hint}")
         if not file.is_file():
             if not download:
-                raise UserError(f"checkpoint for {name} not found and downloads are off.{hint}")
+                raise UserError(f"checkpoint for {name} not found in --model-dir {model_dir} and downloads are off "
+                                f"(--offline).{hint}")
             _fetch(gid, file, hint)
         check_checkpoint_file(file, hint=hint)
     return bool(files)
+
+
+def _first_line_without_unsafe_advice(err: BaseException) -> str:
+    """The error's text on one line, minus torch's advice to retry with weights_only=False."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    kept = [ln for ln in lines if "weights_only" not in ln] or [type(err).__name__]
+    return " ".join(" ".join(kept).split())
 
 
 def load_zoo_model(name: str, dataset: str, threat_model: str, model_dir: str | Path,
@@ -188,8 +263,13 @@ def load_zoo_model(name: str, dataset: str, threat_model: str, model_dir: str | 
             model = rb.utils.load_model(model_name=name, model_dir=str(model_dir), dataset=dataset,
                                         threat_model=threat_model)
     except Exception as e:  # a fresh model is built inside load_model, so nothing half-loaded escapes
-        reason = " ".join(str(e).split())[:600]
-        source = checkpoint_path(name, dataset, threat_model, model_dir) if from_files else "the Hugging Face hub"
+        reason = _first_line_without_unsafe_advice(e)[:600]
+        if from_files:
+            source = checkpoint_path(name, dataset, threat_model, model_dir)
+        else:  # timm downloads these weights itself (torch.hub), from a URL of its own
+            hub = hub_weights(name, dataset, threat_model)
+            source = f"{hub[0]} (timm's download, cached in {hub[1].parent})" if hub and hub[1] else \
+                (hub[0] if hub else "timm")
         raise UserError(f"robustbench could not load {name} from {source}: {type(e).__name__}: {reason}. The file "
                         f"does not hold the weights of {architecture} for {dataset} {threat_model}, or the "
                         f"download failed.") from None

@@ -54,19 +54,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
     torch.save({"format": checkpoint.FORMAT, "model": _Evil()}, path)
-    with pytest.raises(UserError, match="safe loading refused"):
+    refused = (f"{path} holds objects that are not plain tensors/containers (posix.system); advgkl only loads "
+               f"weights_only checkpoints")
+    with pytest.raises(UserError) as err:
         load_checkpoint(path)
+    assert str(err.value) == refused
     assert cli.main(["eval", str(path), "--wandb", "disabled"]) == 2
-    assert "safe loading refused" in capsys.readouterr().err
+    err_text = capsys.readouterr().err
+    assert err_text == f"advgkl eval: error: {refused}\n" and "weights_only=False" not in err_text
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 100, b"<!DOCTYPE html><html>404</html>"])
-def test_truncated_or_foreign_checkpoints_are_refused(tmp_path, content):
+@pytest.mark.parametrize("content,says", [
+    (b"", "is empty (0 bytes), not a checkpoint (an interrupted copy or download?)"),
+    (b"\x00" * 100, "is not a torch checkpoint"),
+    (b"<!DOCTYPE html><html>404</html>", "is an HTML page, not a checkpoint (a failed download?)"),
+])
+def test_truncated_or_foreign_checkpoints_are_refused(tmp_path, content, says):
     path = tmp_path / "x.pt"
     path.write_bytes(content)
-    with pytest.raises(UserError, match="not a loadable checkpoint"):
+    with pytest.raises(UserError) as err:
         load_checkpoint(path)
+    assert str(err.value) == f"{path} {says}"
 
 
 def test_truncated_real_checkpoint_is_refused(fmnist_root, tmp_path):
