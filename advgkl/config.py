@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from .attacks import AA_VERSIONS, NORMS, TRAINING_ATTACKS
@@ -22,7 +23,7 @@ from .data import AUGMENTATIONS, DATASETS
 from .errors import UserError
 from .logging import WANDB_MODES
 from .methods import METHODS, MethodOptions, get_method
-from .models import check_options, list_models
+from .models import check_options, create_model, enable_activation_checkpointing, list_models
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "small_cnn"
     kwargs: typing.Dict[str, typing.Any] = field(default_factory=dict)  # to the model's constructor
+    activation_checkpointing: bool = False  # recompute residual blocks' activations in backward (less memory)
 
 
 def _default_method() -> MethodOptions:
@@ -74,6 +76,7 @@ class OptimConfig:
     milestones: typing.List[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
     step_gamma: float = 0.1
     grad_clip: float = 0.0  # clip the global gradient norm to this before each step (0: off)
+    accumulate: int = 1  # micro-batches per optimiser step: the batch's activations in k parts (docs/memory.md)
 
 
 @dataclass
@@ -185,7 +188,7 @@ NON_NEGATIVE = {  # the method's own options check themselves (advgkl.methods)
 }
 POSITIVE = {
     "data.batch_size", "data.image_size",
-    "optim.epochs", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
+    "optim.epochs", "optim.accumulate", "eval.batch_size", "eval.val_pgd_steps", "eval.val_every", "eval.honesty_pgd_steps",
     "runtime.checkpoint_every", "runtime.dist_timeout_s",
 }
 MAX_EPOCHS = 100_000  # a typo guard (1e11 trains forever), far above any published schedule
@@ -297,6 +300,9 @@ def _validate_new_recipe(cfg: Config) -> None:
 def _validate_relations(cfg: Config) -> None:
     """Checks that involve more than one value."""
     check_options(cfg.model.name, cfg.model.kwargs)
+    if cfg.model.activation_checkpointing:  # refused now if the model has no residual blocks (meta: no memory)
+        with torch.device("meta"):
+            enable_activation_checkpointing(create_model(cfg.model.name, **cfg.model.kwargs), cfg.model.name)
     method = get_method(cfg.method.name)
     if method.adversarial(cfg.method) and (cfg.attack.eps <= 0 or cfg.attack.steps <= 0):
         raise UserError(f"method {cfg.method.name} needs attack.eps > 0 and attack.steps > 0")
@@ -314,6 +320,9 @@ def _validate_relations(cfg: Config) -> None:
         raise UserError("eval.version custom needs eval.attacks (e.g. [apgd-ce, apgd-t])")
     if cfg.data.val_size and cfg.data.subset and cfg.data.val_size >= cfg.data.subset:
         raise UserError("data.val_size must be smaller than data.subset")
+    if cfg.data.batch_size % cfg.optim.accumulate:
+        raise UserError(f"optim.accumulate={cfg.optim.accumulate} must divide data.batch_size={cfg.data.batch_size} "
+                        "into equal micro-batches")
     dev = cfg.runtime.device
     if dev not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", dev):
         raise UserError(f"runtime.device: {dev!r} is not one of auto, cpu, cuda, cuda:N")

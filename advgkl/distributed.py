@@ -98,13 +98,18 @@ class World:
 
     @contextlib.contextmanager
     def main_first(self):
-        """Rank 0 runs the block first (e.g. a dataset download), then the others; one process: just run."""
-        if self.is_main:
+        """Rank 0 runs the block first (e.g. a dataset download), then the others; one process: just run.
+        A ``UserError`` in rank 0's block ends every rank with its message instead of leaving them waiting."""
+        if not self.is_main:
+            self.agree(None)
             yield
-            self.barrier()
-        else:
-            self.barrier()
+            return
+        error = None
+        try:
             yield
+        except UserError as e:
+            error = e
+        self.agree(error)
 
     # ----------------------------------------------------------------------------- collectives
     def barrier(self) -> None:

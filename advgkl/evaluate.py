@@ -221,8 +221,8 @@ def _claim_eval_output(out: Path, resume: bool, identity: dict) -> dict | None:
     saved = _read_results(out)
     if saved is None:
         return None
-    diff = [f"{key}: saved {old!r} vs now {new!r}"
-            for key, old, new in config_diff(saved.get("config") or {}, identity["config"], _RESUMABLE)]
+    then = from_saved(saved["config"]).to_dict() if isinstance(saved.get("config"), dict) else {}  # as read today
+    diff = [f"{key}: saved {old!r} vs now {new!r}" for key, old, new in config_diff(then, identity["config"], _RESUMABLE)]
     same = (saved["checkpoint_sha256"] == identity["checkpoint_sha256"] if "checkpoint_sha256" in saved
             else Path(str(saved.get("checkpoint"))).name == Path(identity["checkpoint"]).name)  # before the hash
     if not same:
@@ -324,7 +324,8 @@ def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size,
     dev = world.device(resolve_device(device, flag="--device"))
     model, weights = model_from_checkpoint(ckpt, cfg, path)
     model.to(dev)
-    check_test_size(cfg)
+    with world.main_first():  # a first-use download happens once
+        check_test_size(cfg)
     default_out = path.parent.parent / f"eval_{path.stem}"
     out = Path(out) if out else default_out
     tag = path.stem

@@ -53,8 +53,9 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
-def _wmse(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """0.25 * sum_b sum_jk w_bj w_bk (d_bj - d_bk)^2 / sum_b (sum_j w_bj)^2, in O(B*C).
+def _wmse(d: torch.Tensor, w: torch.Tensor, denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """0.25 * sum_b sum_jk w_bj w_bk (d_bj - d_bk)^2 / sum_b (sum_j w_bj)^2, in O(B*C); ``denominator``
+    replaces sum_b (sum_j w_bj)^2 (a micro-batch of a larger batch divides by the whole batch's).
 
     Uses pair_b = 2 S_b sum_j w_bj (d_bj - mu_b)^2 with mu_b the w-weighted mean of d_b: centring first
     avoids the cancellation of the expanded form 2 S sum w d^2 - 2 (sum w d)^2.
@@ -62,7 +63,7 @@ def _wmse(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     s = w.sum(dim=1, keepdim=True)  # [B, 1]
     mu = (w * d).sum(dim=1, keepdim=True) / s.clamp_min(torch.finfo(w.dtype).tiny)
     pair = 2.0 * s.squeeze(1) * (w * (d - mu).square()).sum(dim=1)  # [B]
-    return 0.25 * pair.sum() / s.square().sum()
+    return 0.25 * pair.sum() / (s.square().sum() if denominator is None else denominator)
 
 
 def gkl(
@@ -74,6 +75,8 @@ def gkl(
     beta: float = 1.0,
     temperature: float = 1.0,
     symmetric: bool = True,
+    denominator: torch.Tensor | None = None,
+    ce_temperature: float | None = None,
 ) -> torch.Tensor:
     """Generalized KL: ``beta * wMSE(t - s; weights) + alpha * soft_ce(s, t)``.
 
@@ -82,14 +85,25 @@ def gkl(
     gradient (they are detached here). Logits are divided by ``temperature`` in both terms; the
     reference implementation uses T = 1. ``symmetric=False`` restores KL's asymmetry (the student's
     logits are constants inside wMSE), which is how ``dkl`` is built and what the ablation compares.
+    ``denominator`` replaces the wMSE's batch normaliser sum_b (sum_j w_bj)^2 (``wmse_denominator``).
+    ``ce_temperature`` (None = ``temperature``) sets the soft-label CE's temperature alone: the official
+    CIFAR-100 distillation configs run the soft CE at T = 4 and the wMSE on raw logits
+    (``temperature=1, ce_temperature=4``; docs/fidelity.md).
     """
     _check_logits(student, teacher)
     _check_weights(weights, student)
     d = (teacher - (student if symmetric else student.detach())) / temperature
-    loss = alpha * soft_ce(student, teacher, temperature)
+    loss = alpha * soft_ce(student, teacher, temperature if ce_temperature is None else ce_temperature)
     if beta != 0:
-        loss = loss + beta * _wmse(d, weights.detach())
+        loss = loss + beta * _wmse(d, weights.detach(), denominator)
     return loss
+
+
+def wmse_denominator(weights: torch.Tensor) -> torch.Tensor:
+    """The wMSE's batch normaliser sum_b (sum_j w_bj)^2 of ``weights`` [B, C]. A micro-batch that holds
+    the fraction f of a batch passes ``f * wmse_denominator(whole batch's weights)`` to ``gkl``: then
+    f * gkl(micro-batch) summed over the micro-batches equals gkl(whole batch)."""
+    return weights.detach().sum(dim=1).square().sum()
 
 
 def dkl(
@@ -134,16 +148,19 @@ def trades_kl(adv_logits: torch.Tensor, nat_logits: torch.Tensor) -> torch.Tenso
     return kl(adv_logits, nat_logits)
 
 
-def mart(adv_logits: torch.Tensor, nat_logits: torch.Tensor, y: torch.Tensor, beta: float = 6.0) -> torch.Tensor:
+def mart(adv_logits: torch.Tensor, nat_logits: torch.Tensor, y: torch.Tensor, beta: float = 6.0,
+         log_eps: float = 0.0) -> torch.Tensor:
     """MART (Wang et al., 2020): boosted CE on adversarial logits + beta * KL weighted by 1 - p_nat(y).
 
-    Boosted CE = -log p_adv(y) - log(1 - max_{k != y} p_adv(k)).
+    Boosted CE = -log p_adv(y) - log(1 + log_eps - max_{k != y} p_adv(k) + 1e-12). The reference code
+    (YisenWang/MART, mart.py) writes log(1.0001 - p + 1e-12), i.e. ``log_eps=1e-4``, which bounds the
+    term's gradient by 1 / log_eps; the default 0 is advgkl's original log(1 - p + 1e-12).
     """
     _check_logits(adv_logits, nat_logits)
     p_adv = F.softmax(adv_logits, dim=1)
     # Largest wrong-class probability: mask the true class out before taking the max.
     wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).amax(dim=1)
-    bce = F.cross_entropy(adv_logits, y) - torch.log1p(-wrong + 1e-12).mean()
+    bce = F.cross_entropy(adv_logits, y) - torch.log1p(log_eps - wrong + 1e-12).mean()
     p_nat = F.softmax(nat_logits, dim=1)
     kl_per = (p_nat * (F.log_softmax(nat_logits, dim=1) - F.log_softmax(adv_logits, dim=1))).sum(dim=1)
     true_prob = p_nat.gather(1, y.unsqueeze(1)).squeeze(1)

@@ -16,6 +16,7 @@ recipe. The maths of the GKL family is in docs/gkl.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,11 @@ def _one_of(opts, name: str, allowed: tuple) -> None:
         raise UserError(f"method.{name}: {getattr(opts, name)!r} is not one of {', '.join(allowed)}")
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision logits; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class Context:
     """What a method's loss and attack objective need besides the batch."""
@@ -85,6 +91,8 @@ class Context:
     prior: losses.ClassPrior | None = None
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None  # this batch's frozen-teacher logits
+    fraction: float = 1.0  # this micro-batch's share of the optimiser step's batch (optim.accumulate)
+    batch_y: torch.Tensor | None = None  # the labels of the step's whole batch
 
 
 class Method:
@@ -172,15 +180,21 @@ class TRADES(Method):
         return losses.ce(nat, y) + ctx.opts.beta * losses.trades_kl(adv, nat), nat, adv
 
 
+@dataclass
+class MARTOptions(BetaOptions):
+    # the boosted CE's log(1 + log_eps - max wrong prob): 0 = log(1 - p); 1e-4 = the reference's log(1.0001 - p)
+    log_eps: float = 0.0
+
+
 @register_method("mart")
 class MART(Method):
     """Wang et al.: boosted CE on adv + beta * KL weighted by 1 - p_y(nat), attacked by CE."""
 
-    Options = BetaOptions
+    Options = MARTOptions
 
     def loss(self, model, x, x_adv, y, ctx):
         nat, adv = model(x), model(x_adv)
-        return losses.mart(adv, nat, y, ctx.opts.beta), nat, adv
+        return losses.mart(adv, nat, y, ctx.opts.beta, log_eps=ctx.opts.log_eps), nat, adv
 
 
 # ---------------------------------------------------------------------------------- the GKL family
@@ -203,17 +217,26 @@ class GKLOptions(MethodOptions):
     def pair_weights(self, ctx: Context, logits: torch.Tensor, y: torch.Tensor, temperature: float):
         if self.weights == "prior":
             return ctx.prior.weights(y, self.gamma)
-        return F.softmax(logits.detach().float() / temperature, dim=1).pow(self.gamma)
+        return F.softmax(_upcast(logits.detach()) / temperature, dim=1).pow(self.gamma)
+
+    def denominator(self, ctx: Context):
+        """The wMSE normaliser of a micro-batch: the whole batch's, scaled by the micro-batch's share.
+        Class-prior weights follow from the labels, so it is exact; per-sample weights follow from logits
+        the other micro-batches have not computed yet, so each micro-batch normalises by its own (None)."""
+        if ctx.fraction == 1.0 or self.weights != "prior":
+            return None
+        return ctx.fraction * losses.wmse_denominator(ctx.prior.weights(ctx.batch_y, self.gamma))
 
 
 @dataclass
 class GKLATOptions(GKLOptions):
     sample_temperature: float = 4.0  # T of the per-sample weights (weights: sample)
     attack_beta: float = 0.0  # the attack objective's wMSE weight (0 for CIFAR-10, 1 for CIFAR-100)
+    attack_gamma: float = 1.0  # the attack objective's exponent on the pair weights (the reference: 1 always)
 
     def check(self) -> None:
         super().check()
-        _at_least(self, 0.0, "attack_beta")
+        _at_least(self, 0.0, "attack_beta", "attack_gamma")
         _at_least(self, 0.0, "sample_temperature", strict=True)
 
 
@@ -231,12 +254,14 @@ class GKLAT(Method):
         return eps / 2
 
     def objective(self, ctx):
+        # The pair weights' exponent is attack_gamma, not gamma: the reference attack raises the prior to 1
+        # whatever the training gamma (docs/fidelity.md, row 4).
         o = ctx.opts
         if o.weights == "prior":
-            return make_objective("gkl", prior=ctx.prior, gamma=o.gamma, alpha=1.0, beta=o.attack_beta)
+            return make_objective("gkl", prior=ctx.prior, gamma=o.attack_gamma, alpha=1.0, beta=o.attack_beta)
 
         def objective(adv_logits, y, nat_logits):  # per-sample weights: softmax of the natural branch
-            w = F.softmax(nat_logits / o.sample_temperature, dim=1).pow(o.gamma)
+            w = F.softmax(nat_logits / o.sample_temperature, dim=1).pow(o.attack_gamma)
             return losses.gkl(adv_logits, nat_logits, w, alpha=1.0, beta=o.attack_beta, symmetric=o.symmetric)
 
         objective.needs_nat = True
@@ -246,7 +271,8 @@ class GKLAT(Method):
         o = ctx.opts
         nat, adv = model(x), model(x_adv)
         w = o.pair_weights(ctx, nat, y, o.sample_temperature)
-        reg = losses.gkl(adv.float(), nat.float(), w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric)
+        reg = losses.gkl(adv.float(), nat.float(), w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric,
+                         denominator=o.denominator(ctx))
         return losses.ce(nat, y) + reg, nat, adv
 
 
@@ -257,13 +283,19 @@ class GKLKDOptions(GKLOptions):
     kd_temperature: float = 1.0  # T of the per-sample teacher weights (weights: sample)
     kd_adversarial: bool = False  # distil on adversarial inputs (robust distillation)
     kd_warmup_epochs: float = 0.0  # the KD term's weight ramps linearly from 0 to 1 over these epochs
+    # continuous: min(progress / warm-up, 1), progress in fractional epochs from 0; epoch: min(e / warm-up, 1)
+    # with e the 1-based epoch, constant within it (the reference's)
+    kd_warmup_mode: str = "continuous"
+    kd_ce_temperature: float = 1.0  # T of the soft-label CE (kd_loss gkl) or the KL (kd_loss kl) only
+    kd_ce_t2: bool = False  # multiply that term by kd_ce_temperature^2 (Hinton's KD; the reference does not)
     ce_weight: float = 1.0
 
     def check(self) -> None:
         super().check()
         _one_of(self, "kd_loss", ("gkl", "kl"))
+        _one_of(self, "kd_warmup_mode", ("continuous", "epoch"))
         _at_least(self, 0.0, "kd_warmup_epochs", "ce_weight")
-        _at_least(self, 0.0, "kd_temperature", strict=True)
+        _at_least(self, 0.0, "kd_temperature", "kd_ce_temperature", strict=True)
         if not self.teacher:
             raise UserError("method.teacher: gkl_kd needs a teacher (checkpoint path or robustbench:NAME)")
 
@@ -291,17 +323,29 @@ class GKLKD(Method):
         objective.needs_nat = True
         return objective
 
+    @staticmethod
+    def ramp(progress: float, o: GKLKDOptions) -> float:
+        """The KD term's weight after ``progress`` epochs (fractional, from 0). continuous: the KD term starts
+        at 0 and reaches full weight after kd_warmup_epochs. epoch: the reference's min(epoch / warm-up, 1)
+        with the 1-based epoch, so 1 / warm-up during the first epoch."""
+        if not o.kd_warmup_epochs:
+            return 1.0
+        done = math.floor(progress) + 1 if o.kd_warmup_mode == "epoch" else progress
+        return min(done / o.kd_warmup_epochs, 1.0)
+
     def loss(self, model, x, x_adv, y, ctx):
         o, teacher = ctx.opts, ctx.teacher_logits
         nat = model(x)
         student = model(x_adv) if x_adv is not None else nat
-        # min(epoch / warm-up, 1), made continuous: the KD term starts at 0 and reaches full weight after
-        # kd_warmup_epochs. With a frozen teacher the wMSE term regresses the student's raw logits onto the
-        # teacher's; for a from-scratch student the study needed this ramp and, at beta 5, optim.grad_clip.
-        ramp = min(ctx.progress / o.kd_warmup_epochs, 1.0) if o.kd_warmup_epochs else 1.0
+        # With a frozen teacher the wMSE term regresses the student's raw logits onto the teacher's; for a
+        # from-scratch student the study needed the warm-up ramp and, at beta 5, optim.grad_clip.
+        ramp = self.ramp(ctx.progress, o)
+        t_ce = o.kd_ce_temperature  # the soft CE's (or KL's) temperature; the wMSE stays on raw logits
+        scale = t_ce ** 2 if o.kd_ce_t2 else 1.0
         if o.kd_loss == "kl":
-            kd = losses.kl(student.float(), teacher)
+            kd = scale * losses.kl(_upcast(student), teacher, t_ce)
         else:
             w = o.pair_weights(ctx, teacher, y, o.kd_temperature)
-            kd = losses.gkl(student.float(), teacher, w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric)
+            kd = losses.gkl(_upcast(student), teacher, w, alpha=o.alpha * scale, beta=o.beta, symmetric=o.symmetric,
+                            denominator=o.denominator(ctx), ce_temperature=t_ce)
         return o.ce_weight * losses.ce(nat, y) + ramp * kd, nat, student if x_adv is not None else None

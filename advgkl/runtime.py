@@ -50,5 +50,10 @@ def data_root(cfg: Config) -> str:
 def build_model(cfg: Config) -> nn.Module:
     """The recipe's network for its dataset (classes, channels, normalisation), on the CPU."""
     info = dataset_info(cfg.data.dataset, root=data_root(cfg), image_size=cfg.data.image_size)
-    return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.image_shape[0],
-                        mean=info.mean, std=info.std, **cfg.model.kwargs)
+    model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.image_shape[0],
+                         mean=info.mean, std=info.std, **cfg.model.kwargs)
+    if cfg.model.activation_checkpointing:
+        from .models import enable_activation_checkpointing
+
+        model = enable_activation_checkpointing(model, cfg.model.name)
+    return model

@@ -44,6 +44,7 @@ class Nets:
     train: nn.Module
     attack: nn.Module
     val: nn.Module
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun (its no_sync)
 
 
 @dataclass
@@ -127,8 +128,8 @@ def _nets(cfg: Config, model: nn.Module, ema: EMA | None, world: distributed.Wor
     # Validation (clean + PGD) runs on the weights it reports, compiled like the training step.
     val = attack if ema is None else compile_(ema.model)
     # DDP wraps the training-loss forwards only: attacks, AWP's proxy and evaluation run the bare module.
-    train = compile_(world.wrap(model)) if world.distributed else attack
-    return Nets(train=train, attack=attack, val=val)
+    ddp = world.wrap(model) if world.distributed else None
+    return Nets(train=compile_(ddp) if ddp is not None else attack, attack=attack, val=val, ddp=ddp)
 
 
 # ------------------------------------------------------------------------------------------- step
@@ -142,26 +143,31 @@ def forward_loss(s: TrainState, net: nn.Module, x, x_adv, y):
 def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float | None,
                lr: float):
     """One optimiser step on (x, y): teacher logits, attack, AWP, loss, update, buffers, EMA, class prior.
-    Returns (loss, natural logits, adversarial logits); a logits entry is None when the method has none."""
+
+    With ``optim.accumulate`` k > 1 the batch goes through in k micro-batches (attack, AWP's ascent and the
+    loss, each micro-batch in turn; gradients summed) and the optimiser steps once: the same step as the
+    whole batch, up to BatchNorm's per-micro-batch statistics. Returns (loss, natural logits, adversarial
+    logits) of the whole batch, detached; a logits entry is None when the method has none."""
     cfg, model = s.cfg, s.model
     for group in s.opt.param_groups:
         group["lr"] = lr
     x = x.contiguous(memory_format=s.memory_format)
-    if s.ctx.teacher is not None:
-        with torch.no_grad(), s.autocast():
-            s.ctx.teacher_logits = s.ctx.teacher(x).float()  # once per batch: attack, loss and prior
-    x_adv = None
-    if s.attack is not None:
-        x_adv = s.attack(s.nets.attack, x, y, eps=eps, step_size=step_size, nat_logits=s.ctx.teacher_logits)
+    order = _interleaved(len(y), cfg).to(y.device) if cfg.optim.accumulate > 1 and cfg.data.generated_ratio else None
+    xs, ys = (x, y) if order is None else (x[order], y[order])
+    parts = list(zip(xs.tensor_split(cfg.optim.accumulate), ys.tensor_split(cfg.optim.accumulate)))
+    teacher = [_teacher_logits(s, xi) for xi, _ in parts]
+    x_adv = [s.attack(s.nets.attack, xi, yi, eps=eps, step_size=step_size, nat_logits=ti)
+             if s.attack is not None else None for (xi, yi), ti in zip(parts, teacher)]
+    micro = [(xi, ai, yi, ti, len(yi) / len(y)) for (xi, yi), ai, ti in zip(parts, x_adv, teacher)]
+    s.ctx.batch_y = y
     awp_on = s.awp is not None and s.epoch >= cfg.awp.warmup_epochs
     if awp_on:
-        s.awp.perturb(model, lambda net: forward_loss(s, net, x, x_adv, y)[0])
-    loss, nat, adv = forward_loss(s, s.nets.train, x, x_adv, y)
-    if not s.world.all_finite(loss):
-        where = f"; the last good checkpoint is {s.last_path}" if s.last_path and s.last_path.exists() else ""
-        raise UserError(f"the loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step} (lr {lr:.4g}){where}")
+        s.awp.perturb(model, [lambda net, m=m: _micro_loss(s, net, *m)[0] for m in micro])
     s.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, nat, adv = _accumulate(s, micro, lr)
+    if order is not None:  # back to the loader's row order, which y has
+        back = torch.argsort(order)
+        nat, adv = (t[back] if t is not None else None for t in (nat, adv))
     if cfg.optim.grad_clip:  # after DDP's all-reduce, so every rank clips the same gradient
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     s.opt.step()
@@ -171,9 +177,52 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, *, eps: float, s
     if s.ema:
         s.ema.update(model, active=s.epoch >= cfg.ema.start_epoch)
     if s.ctx.prior is not None:  # from the global batch, so the prior is the same on every rank
+        s.ctx.teacher_logits = torch.cat(teacher) if s.ctx.teacher is not None else None
         s.ctx.prior.update(s.world.gather_rows(s.method.prior_logits(nat, s.ctx)), s.world.gather_rows(y))
+    s.ctx.fraction, s.ctx.batch_y = 1.0, None  # a later forward_loss outside a step is a whole batch
     s.step += 1
     return loss, nat, adv
+
+
+def _interleaved(n: int, cfg: Config) -> torch.Tensor:
+    """Row order that deals a batch out to the micro-batches like cards: the loader puts the generated
+    rows after the real ones, and every micro-batch should keep the recipe's real/generated mix."""
+    k = cfg.optim.accumulate
+    return torch.cat([torch.arange(i, n, k) for i in range(k)])
+
+
+def _teacher_logits(s: TrainState, x: torch.Tensor) -> torch.Tensor | None:
+    if s.ctx.teacher is None:
+        return None
+    with torch.no_grad(), s.autocast():
+        return s.ctx.teacher(x).float()  # once per micro-batch: attack, loss and prior
+
+
+def _micro_loss(s: TrainState, net: nn.Module, x, x_adv, y, teacher, fraction: float):
+    """The method's loss on one micro-batch, scaled by its share of the batch (``fraction``), so that the
+    micro-batches' losses sum to the whole batch's loss."""
+    s.ctx.teacher_logits, s.ctx.fraction = teacher, fraction
+    loss, nat, adv = forward_loss(s, net, x, x_adv, y)
+    return loss * fraction, nat, adv
+
+
+def _accumulate(s: TrainState, micro: list, lr: float):
+    """Forward and backward each micro-batch; under DDP gradients are all-reduced once, after the last."""
+    total, nats, advs = 0.0, [], []
+    for i, m in enumerate(micro):
+        last = i == len(micro) - 1
+        with s.nets.ddp.no_sync() if s.nets.ddp is not None and not last else contextlib.nullcontext():
+            loss, nat, adv = _micro_loss(s, s.nets.train, *m)
+            if not s.world.all_finite(loss):
+                where = f"; the last good checkpoint is {s.last_path}" if s.last_path and s.last_path.exists() else ""
+                raise UserError(f"the loss became {loss.item() / m[-1]} at epoch {s.epoch + 1}, step {s.step} "
+                                f"(lr {lr:.4g}){where}")
+            loss.backward()
+        total = total + loss.detach()
+        nats.append(nat.detach() if nat is not None else None)
+        advs.append(adv.detach() if adv is not None else None)
+    cat = lambda parts: torch.cat(parts) if parts[0] is not None else None  # noqa: E731
+    return total, cat(nats), cat(advs)
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -190,12 +239,16 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
     resume = cfg.runtime.resume == "auto"
     with distributed.process_group(cfg.runtime.device, cfg.runtime.dist_timeout_s) as world, \
             contextlib.ExitStack() as lock:
-        world.agree(_on_main(world, _check_output, out, last_path, resume))  # rank 0's refusal ends every rank
-        finished = world.broadcast(_finished_results(cfg, out) if world.is_main and resume else None)
+        _on_main(world, _check_output, out, last_path, resume)  # rank 0's refusal ends every rank
+        finished = _on_main(world, _finished_results, cfg, out) if resume else None
         if finished is not None:
             return finished
         s = build(cfg, world, last_path=last_path)
-        world.agree(_on_main(world, lambda: lock.enter_context(_create_output(out))))
+
+        def claim() -> None:  # the folder is created once the recipe and the data have passed every check
+            lock.enter_context(_create_output(out))
+
+        _on_main(world, claim)
         saved = _start_run(cfg, out, resume, world)
         if saved is not None:
             restore(s, saved)
@@ -206,24 +259,29 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
         try:
             while s.epoch < cfg.optim.epochs:
                 end_epoch(s, run_epoch(s), logger)
-        except UserError:
+            return finish(s, out, logger)
+        except BaseException:  # a failed run still closes its W&B run (finish closes it on success)
             logger.finish()
             raise
-        return finish(s, out, logger)
 
 
-def _on_main(world: distributed.World, fn, *args) -> UserError | None:
-    """Run ``fn`` on rank 0 only; its ``UserError``, returned for ``world.agree``, ends every rank."""
-    try:
-        if world.is_main:
-            fn(*args)
-    except UserError as e:
-        return e
-    return None
+def _on_main(world: distributed.World, fn, *args):
+    """``fn(*args)`` on rank 0 only; its ``UserError`` ends every rank (``world.agree``), and its result
+    reaches every rank. Every rank calls this, so the collectives match."""
+    value, error = None, None
+    if world.is_main:
+        try:
+            value = fn(*args)
+        except UserError as e:
+            error = e
+    world.agree(error)
+    return world.broadcast(value)
 
 
 def _check_output(out: Path, last_path: Path, resume: bool) -> None:
-    if not resume and (last_path.exists() or (out / "results.json").exists()):
+    # metrics.jsonl alone: a run killed before its first checkpoint, whose records a fresh run would extend
+    held = [f for f in (last_path, out / "results.json", out / "metrics.jsonl") if f.exists()]
+    if not resume and held:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
@@ -241,22 +299,33 @@ def _create_output(out: Path) -> RunLock:
 
 
 def _refuse_changed_recipe(saved: dict, cfg: Config, out: Path) -> None:
+    """``saved`` is read as this version reads it (``from_saved``): keys added since are not changes."""
+    saved = from_saved(saved).to_dict()
     diff = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_diff(saved, cfg.to_dict(), RESUMABLE_CHANGES)]
     if diff:
         raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in " + "; ".join(diff))
 
 
 def _finished_results(cfg: Config, out: Path) -> dict | None:
-    """The results of a finished run in ``out`` evaluated with the same eval settings, else None."""
+    """The results of a finished run in ``out``, re-reported unchanged; None while it has none. Other eval
+    settings are refused: evaluating again would replace the run's own results (``advgkl eval`` does it
+    in a folder of its own)."""
     path = out / "results.json"
     if not path.is_file():
         return None
-    stored = json.loads(path.read_text())
-    _refuse_changed_recipe(stored.get("config", {}), cfg, out)
-    if stored.get("config", {}).get("eval") != cfg.to_dict()["eval"]:
-        return None  # new eval settings: resume evaluates the final weights again
-    print(f"{out} has finished; its results.json is unchanged (change eval.* settings to evaluate again)",
-          flush=True)
+    try:
+        stored = json.loads(path.read_text())
+        saved = stored["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} cannot be read as a run's results ({type(e).__name__}); move it away to "
+                        "evaluate the run again") from None
+    _refuse_changed_recipe(saved, cfg, out)
+    diff = [f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(from_saved(saved).to_dict()["eval"],
+                                                                        cfg.to_dict()["eval"], (), "eval.")]
+    if diff:
+        raise UserError(f"{out} has finished and was evaluated with other settings ({'; '.join(diff)}); to "
+                        f"evaluate its weights again, run advgkl eval {out / 'checkpoints' / 'final.pt'}")
+    print(f"{out} has finished; its results.json is unchanged", flush=True)
     return {**stored, "wandb_dir": None}
 
 
@@ -272,7 +341,11 @@ def _start_run(cfg: Config, out: Path, resume: bool, world: distributed.World) -
         except UserError as e:
             error = e
         if error is None:
-            (out / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                (out / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as e:
+                error = UserError(f"cannot write {out / 'config.yaml'} ({e.strerror})")
+        if error is None:
             print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
                   + "\n" + summary(cfg) + f"\n  full recipe: {out / 'config.yaml'}", flush=True)
     world.agree(error)
@@ -333,7 +406,10 @@ def _build_data(cfg: Config, world: distributed.World, device: torch.device):
     info = dataset_info(d.dataset, root=data_root(cfg), image_size=d.image_size)
     generated = (load_generated_npz(d.generated, num_classes=info.num_classes, image_shape=info.image_shape)
                  if d.generated else None)
-    distributed.local_batch_size(d.batch_size, world)  # data.batch_size is global: it must split evenly
+    local = distributed.local_batch_size(d.batch_size, world)  # data.batch_size is global: it must split evenly
+    if local % cfg.optim.accumulate:
+        raise UserError(f"optim.accumulate={cfg.optim.accumulate} must divide each process's batch of {local} "
+                        f"(data.batch_size={d.batch_size} over {world.size} processes)")
     real_per_batch = d.batch_size - (round(d.generated_ratio * d.batch_size) if generated else 0)
     if real_per_batch > len(train_x):
         raise UserError(f"data.batch_size={d.batch_size} needs {real_per_batch} training images per batch, "
@@ -463,6 +539,10 @@ def finish(s: TrainState, out: Path, logger) -> dict:
         evaluations["best"] = evaluate.evaluate_model(best, cfg, s.device, out, tag="best", logger=logger)
     results = evaluate.gather_results(cfg, evaluations, train_time_s=s.train_time, evaluated=reported)
     results["environment"] = environment_info()
+    if cfg.optim.accumulate > 1:  # BatchNorm saw micro-batches: its statistics are not the whole batch's
+        micro = cfg.data.batch_size // world.size // cfg.optim.accumulate
+        results["accumulate"] = {"micro_batches": cfg.optim.accumulate, "micro_batch_size": micro,
+                                 "batchnorm": f"statistics over micro-batches of {micro} images per process"}
     if world.is_main:
         write_json(out / "results.json", results)
     logger.summary({k: results[k] for k in ("clean_acc", "autoattack_acc", "suspicious_gradient_masking")

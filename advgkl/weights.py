@@ -20,12 +20,14 @@ class AWP:
         self.proxy_opt = torch.optim.SGD(self.proxy.parameters(), lr=proxy_lr)
         self.diff: dict[str, torch.Tensor] = {}
 
-    def perturb(self, model: nn.Module, loss_fn) -> None:
+    def perturb(self, model: nn.Module, loss_fns) -> None:
+        """``loss_fns``: one function ``net -> loss`` per micro-batch (their losses sum to the batch's);
+        the ascent step follows the gradient of the sum."""
         self.proxy.load_state_dict(model.state_dict())
         self.proxy.train()
-        loss = -loss_fn(self.proxy)
         self.proxy_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for loss_fn in loss_fns:
+            (-loss_fn(self.proxy)).backward()
         distributed.current().average_gradients(self.proxy)  # DDP: every rank takes the global ascent step
         self.proxy_opt.step()
         with torch.no_grad():

@@ -18,6 +18,9 @@ Sections, in this order; each writes one file into --out, and summary.md / summa
   data        BatchLoader images/s (CIFAR-shaped uint8, crop + flip) against what the fastest step consumes.
   profile     the 10 kernels with the most device time in WRN-34-10 GKL-AT steps (torch.profiler).
   ddp         world-size-1 DDP: `torchrun --nproc_per_node 1 -m advgkl train` against plain `advgkl train`.
+  memory      peak memory and time of a WRN-34-10 GKL-AT step at batch 128 (bf16, channels_last) with
+              accumulate 1, 2 and 4, each with and without activation checkpointing
+              (benchmarks/bench_memory.py), appended to step.txt.
   autoattack  WRN-34-10 standard AutoAttack, advgkl against plain pyautoattack on the same 1,000 points.
               The weights come from a short plain training on synthetic data: a timing, not a robustness
               number.
@@ -52,6 +55,7 @@ TARGETS = {
     "autoattack": ">= 2x plain pyautoattack, identical verdicts",
     "data": ">= 20x what the step consumes",
     "ddp": "world-size-1 overhead < 5 %",
+    "memory": "activation checkpointing and accumulate 4 each lower the step's peak memory",
 }
 
 
@@ -334,6 +338,36 @@ def section_profile(ctx) -> dict:
     return {"timer": timer, "top": top}
 
 
+def section_memory(ctx) -> dict:
+    """bench_memory's table: one GKL-AT step's peak memory and time, accumulate x activation checkpointing."""
+    import torch
+
+    import bench_memory as bm
+
+    log, size = ctx.report("step.txt", append=True), ctx.size  # appended: 8 files in all
+    model_name, kw, batch, image = size["memory_case"]
+    amp = ctx.device.type == "cuda"
+    log(f"--- memory: one GKL-AT step (attack + loss + backward + SGD), {'bf16' if amp else 'fp32'} channels_last, "
+        f"{image}x{image}; peak = {'max_memory_allocated' if amp else 'ru_maxrss in a subprocess'} above the model, "
+        "optimiser state and data")
+    out = bm.run_table(model_name, kw, batch, image, size["memory_accumulate"], ctx.device, amp, True, warmup=1,
+                       repeats=size["memory_repeats"], threads=torch.get_num_threads(), print_fn=log)
+    for line in out["failures"]:
+        log(f"loss check FAIL: {line}")
+    log(out["ratio_line"])
+    if out["failures"]:
+        raise RuntimeError("; ".join(out["failures"]))
+    rows, most = out["rows"], f"acc{size['memory_accumulate'][-1]}"
+    base, ckpt, acc = rows.get("acc1"), rows.get("acc1+ckpt"), rows.get(most)
+    if base and ckpt and acc:
+        both = rows.get(f"{most}+ckpt")
+        measured = (f"{bm.fmt_bytes(base['peak_bytes'])} at accumulate 1; checkpointing {ckpt['mem_ratio']:.2f}x "
+                    f"(time {ckpt['time_ratio']:.2f}x), {most} {acc['mem_ratio']:.2f}x (time {acc['time_ratio']:.2f}x)"
+                    + (f", both {both['mem_ratio']:.2f}x" if both else "") + f" ({out['label']}, batch {batch})")
+        ctx.summary("memory", measured, ckpt["mem_ratio"] < 1 and acc["mem_ratio"] < 1)
+    return {"rows": rows, "label": out["label"], "batch": batch}
+
+
 def section_autoattack(ctx) -> dict:
     import torch
 
@@ -365,12 +399,13 @@ def section_autoattack(ctx) -> dict:
 
 # in order of value per second: a run that hits the budget skips the last ones (rerun them with --sections)
 SECTIONS = {"e2e": section_e2e, "step": section_step, "data": section_data, "profile": section_profile,
-            "ddp": section_ddp, "autoattack": section_autoattack, "compile": section_compile}
+            "ddp": section_ddp, "memory": section_memory, "autoattack": section_autoattack, "compile": section_compile}
 
 SIZES = {
     "full": {
         "e2e_points": 500, "e2e_overrides": [], "needs": {"e2e": 150, "step": 90, "data": 10, "profile": 20,
-                                                          "ddp": 60, "autoattack": 240, "compile": 150},
+                                                          "ddp": 60, "memory": 60, "autoattack": 240,
+                                                          "compile": 150},
         "step_cases": [("step_wrn_gkl", "wrn_34_10", "gkl_at", [128, 256]),
                        ("step_preact_pgd", "preact_resnet18", "pgd_at", [128, 256])],
         "step_warmup": 2, "step_repeats": 5, "compile_case": ("wrn_34_10", "gkl_at", 128),
@@ -378,6 +413,7 @@ SIZES = {
         "ddp_model": "preact_resnet18", "ddp_subset": 10_240, "ddp_batch": 256,
         "profile_case": ("wrn_34_10", 128), "profile_steps": 2,
         "aa_model": "wrn_34_10", "aa_points": 1000, "aa_train_steps": 200,
+        "memory_case": ("wrn_34_10", {}, 128, 32), "memory_accumulate": [1, 2, 4], "memory_repeats": 3,
     },
     "smoke": {
         "e2e_points": 8, "needs": {k: 0 for k in SECTIONS},
@@ -389,6 +425,8 @@ SIZES = {
         "ddp_model": "tiny_cnn", "ddp_subset": 256, "ddp_batch": 32,
         "profile_case": ("tiny_cnn", 8), "profile_steps": 1,
         "aa_model": "tiny_cnn", "aa_points": 16, "aa_train_steps": 100,
+        "memory_case": ("wrn_34_10", {"depth": 10, "width": 1}, 8, 16), "memory_accumulate": [1, 4],
+        "memory_repeats": 1,
     },
 }
 

@@ -171,6 +171,8 @@ JOBS = [
     ("gkl_at", ["method.name=gkl_at"]),  # plus the class prior, gathered from both ranks
     ("gkl_at_awp_ema", ["method.name=gkl_at", "awp.enabled=true", "awp.warmup_epochs=0", "ema.enabled=true",
                         "ema.decay=0.5"]),
+    # two micro-batches of 8 per rank, DDP's all-reduce only after the second (no_sync for the first)
+    ("gkl_at_accumulate", ["method.name=gkl_at", "optim.accumulate=2"]),
 ]
 
 
@@ -193,9 +195,12 @@ def test_two_ranks_train_like_one_rank_and_only_rank0_writes(fmnist_root, tmp_pa
                 worst[name] = max(worst.get(name, 0.0), (ref[part][k] - got[part][k]).abs().max().item())
                 torch.testing.assert_close(got[part][k], ref[part][k], atol=WEIGHT_ATOL, rtol=0, msg=f"{name} {k}")
         if name.startswith("gkl_at"):  # the prior is built from the global batch on every rank
+            # micro-batches of 8 per rank vs 16 in one process: other conv kernels, logits rounded otherwise
+            # (measured 1.4e-6 on the prior after one epoch)
+            prior_atol = 1e-5 if "accumulate" in name else 1e-6
             torch.testing.assert_close(load_checkpoint(runs / name / "checkpoints" / "last.pt")["prior"]["prior"],
                                        load_checkpoint(tmp_path / "single" / name / "checkpoints" / "last.pt")
-                                       ["prior"]["prior"], atol=1e-6, rtol=0)
+                                       ["prior"]["prior"], atol=prior_atol, rtol=0)
         assert_bitwise(r0["weights"][name], r1["weights"][name])  # both ranks evaluate the same weights
         # outputs exist once: the same files as the single-process run, one metrics line per epoch and eval
         files = sorted(str(p.relative_to(runs / name)) for p in (runs / name).rglob("*") if p.is_file())

@@ -59,7 +59,7 @@ def test_gpu_check_smoke_runs_every_section(prepared, tmp_path):
                      "summary.md"]  # at most 8 result files, one folder: what the device tool brings back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and all(s["status"] == "ran" for s in summary["sections"].values()), summary["sections"]
-    assert list(summary["sections"]) == ["e2e", "step", "data", "profile", "ddp", "autoattack", "compile"]
+    assert list(summary["sections"]) == ["e2e", "step", "data", "profile", "ddp", "memory", "autoattack", "compile"]
     env_ = summary["environment"]
     assert env_["chip"].startswith("cpu") and env_["torch"] and env_["commit"] != "unknown"
     results = summary["results"]
@@ -75,8 +75,14 @@ def test_gpu_check_smoke_runs_every_section(prepared, tmp_path):
     assert results["data"]["ratio"] > 0 and results["ddp"]["plain"] > 0 and results["ddp"]["torchrun"] > 0
     assert len(results["profile"]["top"]) == 10
     assert results["autoattack"]["per_point_equal"] is True
+    memory = results["memory"]["rows"]  # accumulate x activation checkpointing, appended to step.txt
+    assert list(memory) == ["acc1", "acc1+ckpt", "acc4", "acc4+ckpt"]
+    assert all(r["peak_bytes"] > 0 and r["step_ms"] > 0 and r["time_ratio"] > 0 for r in memory.values())
+    for k in (1, 4):  # checkpointing changes no number (the script checks this too)
+        assert memory[f"acc{k}+ckpt"]["loss"] == pytest.approx(memory[f"acc{k}"]["loss"], rel=1e-5)
+    assert "bench_memory: wrn_34_10(depth=10,width=1) b8 peak-memory and time ratio" in (out / "step.txt").read_text()
     checks = {c["check"] for c in summary["checks"]}
-    assert checks == {"e2e_verdicts", "step_wrn_gkl", "step_preact_pgd", "data", "ddp", "autoattack"}
+    assert checks == {"e2e_verdicts", "step_wrn_gkl", "step_preact_pgd", "data", "ddp", "memory", "autoattack"}
     assert "| check | measured | target | verdict |" in (out / "summary.md").read_text()
 
 

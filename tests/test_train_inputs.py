@@ -35,7 +35,7 @@ def test_gkl_attack_objective_with_per_sample_weights():
     """method.weights=sample: the attack weights each pair by softmax(nat / T_prior) ** gamma, in float64
     against the pairwise reference implementation."""
     cfg = from_dict({"method": {"name": "gkl_at", "weights": "sample", "gamma": 0.5, "sample_temperature": 2.0,
-                                "attack_beta": 1.0}})
+                                "attack_beta": 1.0, "attack_gamma": 0.5}})
     objective = METHODS["gkl_at"].objective(Context(opts=cfg.method))
     assert objective.needs_nat
     g = torch.Generator().manual_seed(0)

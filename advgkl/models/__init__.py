@@ -6,10 +6,14 @@
 
 A new architecture is one factory `fn(num_classes, in_channels, **kw) -> nn.Module` decorated with
 `@register_model("name")`; its keyword arguments are the only extra ones `create_model` accepts.
+
+    enable_activation_checkpointing(model, "wrn_34_10")   # recompute the residual blocks in backward
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from advgkl.errors import UserError
 
@@ -146,8 +151,70 @@ def make_activation(name: str) -> nn.Module:
     raise UserError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
 
 
+class CheckpointableBlock(nn.Module):
+    """A residual block that can recompute its activations in the backward pass instead of storing them.
+
+    Subclasses implement ``block(x)``. ``forward`` runs it directly, unless ``checkpointed`` is set
+    (``enable_activation_checkpointing``) and the block is training with grad enabled: then it runs under
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, which keeps only the block's input and
+    runs the block again during backward. The flag is a plain attribute: state_dict keys do not change.
+    """
+
+    checkpointed = False
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.checkpointed and self.training and torch.is_grad_enabled()):
+            return self.block(x)
+        if torch.compiler.is_compiling():
+            # compile takes no plain context managers; its recomputation is functional (the running-stat
+            # update is applied once, after the forward graph), so it needs no guard
+            return checkpoint(self.block, x, use_reentrant=False)
+        return checkpoint(self.block, x, use_reentrant=False, context_fn=functools.partial(_bn_stats_kept, self))
+
+
+def _bn_stats_kept(module: nn.Module):
+    """checkpoint's context_fn: nothing around the forward; around the recomputation, the BatchNorm
+    buffers (running mean/var, num_batches_tracked) are saved and put back, so that running the block's
+    BatchNorms again in train mode does not update their running statistics a second time."""
+
+    @contextlib.contextmanager
+    def kept():
+        bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [[b.clone() for b in m.buffers(recurse=False)] for m in bns]
+        try:
+            yield
+        finally:  # also when checkpoint stops the recomputation early (it raises to stop)
+            with torch.no_grad():
+                for m, values in zip(bns, saved):
+                    for b, v in zip(m.buffers(recurse=False), values):
+                        b.copy_(v)
+
+    return contextlib.nullcontext(), kept()
+
+
+def enable_activation_checkpointing(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Make every residual block of ``model`` recompute its activations in backward; returns ``model``.
+
+    Applies to training forwards with grad enabled (eval mode and no_grad run as before, e.g. the
+    attacks, which run in eval mode). Costs about one extra forward of the blocks per backward; saves
+    most of the activation memory of the training loss. Results are unchanged: same loss, same
+    gradients (up to float rounding), same BatchNorm running statistics, same state_dict keys.
+    ``UserError`` for a model without residual blocks; ``name`` (the registry name) is for that message.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, CheckpointableBlock)]
+    if not blocks:
+        raise UserError(f"model.activation_checkpointing: model {name or type(model).__name__} has no residual "
+                        "blocks to checkpoint (supported: the wrn_* and preact_resnet* families)")
+    for b in blocks:
+        b.checkpointed = True
+    return model
+
+
 # importing the architecture modules fills the registry
 from advgkl.models import preact_resnet, small, wide_resnet  # noqa: E402,F401
 
-__all__ = ["ACTIVATIONS", "ModelInfo", "Normalize", "count_params", "create_model", "list_models", "make_activation",
-           "model_info", "register_model"]
+__all__ = ["ACTIVATIONS", "CheckpointableBlock", "ModelInfo", "Normalize", "count_params", "create_model",
+           "enable_activation_checkpointing", "list_models", "make_activation", "model_info", "register_model"]

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advgkl.models import make_activation, register_model
+from advgkl.models import CheckpointableBlock, make_activation, register_model
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(CheckpointableBlock):
     """bn-act-conv3x3-bn-act-conv3x3 plus shortcut; [B, cin, H, W] -> [B, cout, H/stride, W/stride]."""
 
     def __init__(self, cin: int, cout: int, stride: int, activation: str):
@@ -25,7 +25,7 @@ class PreActBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(x))
         # the projection sees the pre-activated input, the identity sees the raw one (He et al. 2016)
         skip = x if self.shortcut is None else self.shortcut(out)

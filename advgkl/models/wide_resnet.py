@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from advgkl.errors import UserError
-from advgkl.models import make_activation, register_model
+from advgkl.models import CheckpointableBlock, make_activation, register_model
 
 
-class WideBlock(nn.Module):
+class WideBlock(CheckpointableBlock):
     """bn-act-conv3x3-bn-act-conv3x3 plus shortcut; [B, cin, H, W] -> [B, cout, H/stride, W/stride].
 
     tf_padding: pad stride-2 convs by (0, 1, 0, 1) like TF's SAME (DeepMind checkpoints need it);
@@ -35,7 +35,7 @@ class WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(x))
         # with a projection, the shortcut also takes the pre-activated input (as in TRADES and DeepMind)
         skip = x if self.shortcut is None else self.shortcut(out)

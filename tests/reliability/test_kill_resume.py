@@ -126,3 +126,18 @@ def test_random_time_kills_until_done(recipe, reference, tmp_path):
         scale /= 2
     assert kills >= 1
     assert_identical(reference, out)
+
+
+def test_a_kill_between_micro_batches_resumes_bitwise(fmnist_root, tmp_path):
+    """optim.accumulate=2: the 13th training forward is the first micro-batch of step 7 (after the
+    checkpoint of step 5); the resumed run redoes steps 6 and 7 whole and ends bitwise the same."""
+    recipe = tmp_path / "accumulate.yaml"
+    recipe.write_text(RECIPE.replace("ROOT", str(fmnist_root)).replace("epochs: 2}", "epochs: 2, accumulate: 2}"))
+    reference = run("none", 0, recipe, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    killed = run("step", 13, recipe, tmp_path / "run")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+    resumed = run("none", 0, recipe, tmp_path / "run", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(tmp_path / "reference", tmp_path / "run")

@@ -31,7 +31,7 @@ runtime: {device: cpu}
 """
 DEMO = "experiments/recipes/fmnist_gkl_demo.yaml"
 METHODS = "standard, pgd_at, trades, mart, gkl_at, gkl_kd"
-OPTIM_KEYS = ("epochs, grad_clip, lr, milestones, momentum, name, nesterov, schedule, step_gamma, "
+OPTIM_KEYS = ("accumulate, epochs, grad_clip, lr, milestones, momentum, name, nesterov, schedule, step_gamma, "
               "warmup_epochs, weight_decay")
 TOP_KEYS = "attack, awp, data, ema, eval, logging, method, model, name, optim, runtime"
 
@@ -231,8 +231,8 @@ def test_a_folder_is_named_as_a_folder(tmp_path, capsys, no_training):
     (["optim.lrr=0.1"], f"unknown key optim.lrr in optim; allowed keys: {OPTIM_KEYS}; did you mean 'lr'?"),
     (["optim.learning_rate=0.1"], f"unknown key optim.learning_rate in optim; allowed keys: {OPTIM_KEYS}"),
     (["optimizer.lr=0.1"], f"unknown key optimizer in top level; allowed keys: {TOP_KEYS}; did you mean 'optim'?"),
-    (["method.betta=3"], "unknown key method.betta in method gkl_at; allowed keys: alpha, attack_beta, beta, "
-                         "gamma, name, prior_temperature, sample_temperature, symmetric, weights; "
+    (["method.betta=3"], "unknown key method.betta in method gkl_at; allowed keys: alpha, attack_beta, attack_gamma, "
+                         "beta, gamma, name, prior_temperature, sample_temperature, symmetric, weights; "
                          "did you mean 'beta'?"),
     (["attack.name=pgdd"], "attack.name: 'pgdd' is not one of pgd, fgsm; did you mean 'pgd'?"),
     (["attack.norm=linf"], "attack.norm: 'linf' is not one of Linf, L2; did you mean 'Linf'?"),

@@ -47,15 +47,44 @@ def test_resuming_a_finished_run_leaves_it_untouched(recipe, tmp_path, capsys):
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert train(recipe, out, resume=True) == 0
-    printed = capsys.readouterr().out
-    assert printed.splitlines()[0] == f"{out} has finished; its results.json is unchanged (change eval.* settings to evaluate again)"
+    assert capsys.readouterr().out.splitlines()[0] == f"{out} has finished; its results.json is unchanged"
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
-    # new eval settings: the final weights are evaluated again, training is not repeated
-    assert train(recipe, out, "eval.n_examples=32", resume=True) == 0
+    # other eval settings would replace the run's own results: refused, pointing at advgkl eval
+    assert train(recipe, out, "eval.n_examples=32", resume=True) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"advgkl train: error: {out} has finished and was evaluated with other settings (eval.n_examples: 16 -> 32); "
+        f"to evaluate its weights again, run advgkl eval {out / 'checkpoints' / 'final.pt'}")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_run_saved_before_new_recipe_keys_still_resumes(recipe, tmp_path, capsys):
+    """A results.json or last.pt written before optim.accumulate existed is read as this version reads it."""
+    import torch
+
+    from advgkl.checkpoint import atomic_torch_save, load_checkpoint
+
+    out = tmp_path / "run"
+    assert train(recipe, out, "optim.epochs=2", "runtime.checkpoint_every=1") == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["n_examples"] == 32 and results["config"]["eval"]["n_examples"] == 32
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics if "epoch" in m] == [1]
+    del results["config"]["optim"]["accumulate"], results["config"]["model"]["activation_checkpointing"]
+    (out / "results.json").write_text(json.dumps(results))
+    assert train(recipe, out, "optim.epochs=2", "runtime.checkpoint_every=1", resume=True) == 0
+    (out / "results.json").unlink()  # an interrupted final evaluation: resume reads last.pt
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    del last["config"]["optim"]["accumulate"]
+    atomic_torch_save(last, out / "checkpoints" / "last.pt")
+    assert train(recipe, out, "optim.epochs=2", "runtime.checkpoint_every=1", resume=True) == 0
+    assert torch.equal(load_checkpoint(out / "checkpoints" / "final.pt")["model"]["net.0.weight"],
+                       last["model"]["net.0.weight"])
+
+
+def test_records_of_a_run_killed_before_its_first_checkpoint_need_resume(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "step": 2}\n')
+    assert train(recipe, out) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"advgkl train: error: {out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
 def test_the_screen_summarises_the_recipe_and_config_yaml_says_it_resumed(recipe, tmp_path, capsys):
@@ -67,7 +96,7 @@ def test_the_screen_summarises_the_recipe_and_config_yaml_says_it_resumed(recipe
         "  data    fashion_mnist, 64 training images, 0 held out, batch 32, augment none",
         "  model   tiny_cnn",
         "  method  gkl_at (alpha 1.0, beta 5.0, gamma 1.0, weights prior, prior_temperature 4.0, symmetric True, "
-        "sample_temperature 4.0, attack_beta 0.0)",
+        "sample_temperature 4.0, attack_beta 0.0, attack_gamma 1.0)",
         "  attack  pgd Linf eps 0.1, 1 steps, constant eps",
         "  optim   sgd, lr 0.1 cosine, 1 epochs; seed 0",
         "  eval    none",
