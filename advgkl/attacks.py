@@ -588,16 +588,10 @@ class AutoAttack:
     def _initial_state(self, x: torch.Tensor, y: torch.Tensor, world: "distributed.World") -> dict:
         """The state rank 0 loads from ``state_path``, on every rank, or a fresh one.
 
-        A state of another evaluation raises its UserError on every rank (``world.agree``).
+        A state of another evaluation raises its UserError on every rank (``World.on_main``).
         """
-        fingerprint, state, error = self._fingerprint(x, y), None, None
-        if world.is_main:
-            try:
-                state = self._load_state(fingerprint)
-            except UserError as e:
-                error = e
-        world.agree(error)
-        state = world.broadcast(state)
+        fingerprint = self._fingerprint(x, y)
+        state = world.on_main(self._load_state, fingerprint)
         if state is None:
             state = {"format": _STATE_FORMAT, "fingerprint": fingerprint, "clean_correct": None,
                      "robust": None, "broken_by": None, "per_attack": {}, "current": None,

@@ -259,20 +259,32 @@ def environment_info() -> dict:
 
 
 class RunLock:
-    """An exclusive lock on a run folder, so two jobs never write the same outputs at once."""
+    """An exclusive lock on a run folder, so two jobs never write the same outputs at once. Entering it
+    creates the folder and checks that files can be written there; each failure is a one-line ``UserError``."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".lock"
         self.fd = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"output folder {folder} is not writable ({e.strerror or e})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise UserError(f"{self.path.parent} is in use by another advgkl job (lock held on {self.path})") from None
+            raise UserError(f"{folder} is in use by another advgkl job (lock held on {self.path})") from None
+        try:  # the lock file may predate a change of permissions: write a fresh file too
+            probe = folder / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            self.__exit__()
+            raise UserError(f"output folder {folder} is not writable ({e.strerror or e})") from None
         return self
 
     def __exit__(self, *exc):

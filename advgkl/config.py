@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import re
 import typing
@@ -20,7 +19,7 @@ import yaml
 
 from .attacks import AA_VERSIONS, NORMS, TRAINING_ATTACKS
 from .data import AUGMENTATIONS, DATASETS
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .logging import WANDB_MODES
 from .methods import METHODS, MethodOptions, get_method
 from .models import check_options, create_model, enable_activation_checkpointing, list_models
@@ -237,13 +236,6 @@ def _coerce(key: str, value, typ):
     raise UserError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
-def _did_you_mean(value, allowed) -> str:
-    """'; did you mean 'gkl_at'?' when one allowed name is close to ``value`` (case ignored), else ''."""
-    names = {str(a).lower(): str(a) for a in allowed}
-    close = difflib.get_close_matches(str(value).lower(), list(names), n=1, cutoff=0.7)
-    return f"; did you mean {names[close[0]]!r}?" if close else ""
-
-
 def _build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
         raise UserError(f"{prefix or 'recipe'}: expected a mapping of keys, got {raw!r}")
@@ -253,7 +245,7 @@ def _build(cls, raw: dict, prefix: str):
     if unknown:
         where = f"method {raw.get('name', 'gkl_at')}" if issubclass(cls, MethodOptions) else prefix or "top level"
         raise UserError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
-                        f"allowed keys: {', '.join(sorted(known))}{_did_you_mean(unknown[0], known)}")
+                        f"allowed keys: {', '.join(sorted(known))}{did_you_mean(unknown[0], known)}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -273,7 +265,7 @@ def _validate(cfg: Config) -> None:
     for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}"
-                            f"{_did_you_mean(flat[key], allowed)}")
+                            f"{did_you_mean(flat[key], allowed)}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise UserError(f"{key}: must be >= 0, got {flat[key]}")

@@ -128,6 +128,18 @@ class World:
         if error is not None:
             raise error
 
+    def on_main(self, fn, *args):
+        """``fn(*args)`` on rank 0 only (e.g. reading or claiming the output folder); its ``UserError``
+        ends every rank (``agree``) and its result reaches every rank. Call on every rank."""
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn(*args)
+            except UserError as e:
+                error = e
+        self.agree(error)
+        return self.broadcast(value)
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (pickled; for checkpoints and small states, not per step)."""
         if self.size == 1:

@@ -269,14 +269,6 @@ def _header(path: Path, weights: str, cfg: Config, dev, out: Path, world, resumi
     return "\n".join(lines)
 
 
-def _lock(stack: contextlib.ExitStack, out: Path) -> None:
-    """Hold ``out``'s run lock (``checkpoint.RunLock``) until ``stack`` closes."""
-    try:
-        stack.enter_context(RunLock(out))
-    except OSError as e:
-        raise UserError(f"output folder {out} is not writable ({e.strerror or e})") from None
-
-
 def evaluate_checkpoint(path, *, out=None, n_examples=None, version=None, attacks=None, batch_size=None,
                         device="auto", wandb="offline", data_root=None, resume: bool = False) -> dict:
     """``advgkl eval``: rebuild the model from a checkpoint's own config and evaluate it.
@@ -331,20 +323,18 @@ def _evaluate_checkpoint(path, *, out, n_examples, version, attacks, batch_size,
     tag = path.stem
     identity = {"checkpoint": str(path.resolve()), "checkpoint_sha256": file_sha256(path), "config": cfg.to_dict()}
     with contextlib.ExitStack() as lock:
-        finished, error = None, None
-        if world.is_main:  # the other ranks never touch the output folder
-            try:
-                _refuse_foreign_folder(out, default_out)
-                locked = (out / ".lock").exists()
-                if locked:  # a running eval's folder: say so before anything else
-                    _lock(lock, out)
-                finished = _claim_eval_output(out, resume, identity)
-                if finished is None and not locked:
-                    _lock(lock, out)  # creates the folder and .lock, once nothing stands against the eval
-            except UserError as e:
-                error = e
-        world.agree(error)  # rank 0's refusal ends every rank
-        finished = world.broadcast(finished)
+
+        def claim() -> dict | None:  # rank 0 only: the other ranks never touch the output folder
+            _refuse_foreign_folder(out, default_out)
+            locked = (out / ".lock").exists()
+            if locked:  # a running eval's folder: say so before anything else
+                lock.enter_context(RunLock(out))
+            finished = _claim_eval_output(out, resume, identity)
+            if finished is None and not locked:
+                lock.enter_context(RunLock(out))  # creates the folder and .lock, once nothing stands against the eval
+            return finished
+
+        finished = world.on_main(claim)  # rank 0's refusal ends every rank
         if finished is not None:
             return _rereport(finished, out, identity, tag, world)
         state = out / f"autoattack_state_{tag}.pt"

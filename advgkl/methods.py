@@ -25,7 +25,7 @@ from torch import nn
 
 from . import losses
 from .attacks import make_objective
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 METHODS: dict[str, "Method"] = {}
 
@@ -45,12 +45,7 @@ def register_method(name: str):
 
 def get_method(name: str) -> "Method":
     if name not in METHODS:
-        import difflib  # the suggestion as in advgkl.config's messages: one close name, case ignored
-
-        names = {n.lower(): n for n in METHODS}
-        close = difflib.get_close_matches(str(name).lower(), list(names), n=1, cutoff=0.7)
-        hint = f"; did you mean {names[close[0]]!r}?" if close else ""
-        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}{hint}")
+        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}{did_you_mean(name, METHODS)}")
     return METHODS[name]
 
 

@@ -239,16 +239,16 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
     resume = cfg.runtime.resume == "auto"
     with distributed.process_group(cfg.runtime.device, cfg.runtime.dist_timeout_s) as world, \
             contextlib.ExitStack() as lock:
-        _on_main(world, _check_output, out, last_path, resume)  # rank 0's refusal ends every rank
-        finished = _on_main(world, _finished_results, cfg, out) if resume else None
+        world.on_main(_check_output, out, last_path, resume)  # rank 0's refusal ends every rank
+        finished = world.on_main(_finished_results, cfg, out) if resume else None
         if finished is not None:
             return finished
         s = build(cfg, world, last_path=last_path)
 
         def claim() -> None:  # the folder is created once the recipe and the data have passed every check
-            lock.enter_context(_create_output(out))
+            lock.enter_context(RunLock(out))  # creates the folder, checks it is writable
 
-        _on_main(world, claim)
+        world.on_main(claim)
         saved = _start_run(cfg, out, resume, world)
         if saved is not None:
             restore(s, saved)
@@ -265,19 +265,6 @@ def train(cfg: Config, out_dir, resume: bool = False) -> dict:
             raise
 
 
-def _on_main(world: distributed.World, fn, *args):
-    """``fn(*args)`` on rank 0 only; its ``UserError`` ends every rank (``world.agree``), and its result
-    reaches every rank. Every rank calls this, so the collectives match."""
-    value, error = None, None
-    if world.is_main:
-        try:
-            value = fn(*args)
-        except UserError as e:
-            error = e
-    world.agree(error)
-    return world.broadcast(value)
-
-
 def _check_output(out: Path, last_path: Path, resume: bool) -> None:
     # metrics.jsonl alone: a run killed before its first checkpoint, whose records a fresh run would extend
     held = [f for f in (last_path, out / "results.json", out / "metrics.jsonl") if f.exists()]
@@ -287,20 +274,8 @@ def _check_output(out: Path, last_path: Path, resume: bool) -> None:
         raise UserError(f"--out {out} is a file, not a folder")
 
 
-def _create_output(out: Path) -> RunLock:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder {out} is not writable ({e.strerror})") from None
-    return RunLock(out)
-
-
 def _refuse_changed_recipe(saved: dict, cfg: Config, out: Path) -> None:
-    """``saved`` is read as this version reads it (``from_saved``): keys added since are not changes."""
-    saved = from_saved(saved).to_dict()
+    """``saved``: a stored config as this version reads it (``from_saved``), so keys added since are not changes."""
     diff = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_diff(saved, cfg.to_dict(), RESUMABLE_CHANGES)]
     if diff:
         raise UserError(f"cannot resume {out}: the recipe differs from the checkpoint's in " + "; ".join(diff))
@@ -315,13 +290,12 @@ def _finished_results(cfg: Config, out: Path) -> dict | None:
         return None
     try:
         stored = json.loads(path.read_text())
-        saved = stored["config"]
+        saved = from_saved(stored["config"]).to_dict()  # as this version reads it
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} cannot be read as a run's results ({type(e).__name__}); move it away to "
                         "evaluate the run again") from None
     _refuse_changed_recipe(saved, cfg, out)
-    diff = [f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(from_saved(saved).to_dict()["eval"],
-                                                                        cfg.to_dict()["eval"], (), "eval.")]
+    diff = [f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(saved["eval"], cfg.to_dict()["eval"], (), "eval.")]
     if diff:
         raise UserError(f"{out} has finished and was evaluated with other settings ({'; '.join(diff)}); to "
                         f"evaluate its weights again, run advgkl eval {out / 'checkpoints' / 'final.pt'}")
@@ -332,24 +306,21 @@ def _finished_results(cfg: Config, out: Path) -> dict | None:
 def _start_run(cfg: Config, out: Path, resume: bool, world: distributed.World) -> dict | None:
     """Rank 0 reads the checkpoint to resume (refusing a changed recipe) and writes config.yaml; every
     rank gets the checkpoint by broadcast (the other ranks never read the output folder)."""
-    saved, error, last_path = None, None, out / "checkpoints" / "last.pt"
-    if world.is_main:
-        try:
-            saved = load_checkpoint(last_path) if resume and last_path.exists() else None
-            if saved is not None:
-                _refuse_changed_recipe(saved["config"], cfg, out)
-        except UserError as e:
-            error = e
-        if error is None:
-            try:
-                (out / "config.yaml").write_text(to_yaml(cfg))
-            except OSError as e:
-                error = UserError(f"cannot write {out / 'config.yaml'} ({e.strerror})")
-        if error is None:
-            print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
-                  + "\n" + summary(cfg) + f"\n  full recipe: {out / 'config.yaml'}", flush=True)
-    world.agree(error)
-    return world.broadcast(saved)
+    return world.on_main(_resume_state_and_config, cfg, out, resume, world)
+
+
+def _resume_state_and_config(cfg: Config, out: Path, resume: bool, world: distributed.World) -> dict | None:
+    last_path = out / "checkpoints" / "last.pt"
+    saved = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if saved is not None:
+        _refuse_changed_recipe(from_saved(saved["config"]).to_dict(), cfg, out)
+    try:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    except OSError as e:
+        raise UserError(f"cannot write {out / 'config.yaml'} ({e.strerror})") from None
+    print(f"advgkl train -> {out}" + (f" ({world.size} processes)" if world.distributed else "")
+          + "\n" + summary(cfg) + f"\n  full recipe: {out / 'config.yaml'}", flush=True)
+    return saved
 
 
 def summary(cfg: Config) -> str:
