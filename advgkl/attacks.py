@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from advgkl import distributed, losses
+from advgkl import distributed, losses, preemption
 from advgkl.checkpoint import atomic_torch_save
 from advgkl.errors import UserError
 
@@ -644,6 +644,9 @@ class AutoAttack:
             state["done"] += [[name, j] for j in range(first, done)]
             state.update(chunks_done=done, wall_time_s=wall_time())
             self._save(state, world)
+            stop = preemption.requested(world)  # a SLURM / user signal: the state above is the resume point
+            if stop:
+                raise preemption.Preempted(f"{stop} during AutoAttack {name}; state saved in {self.state_path}")
             bar.set_postfix_str(f"{name} chunk {done}/{len(chunks)} robust {robust.float().mean():.2%}")
         state["per_attack"][name] = robust.sum().item() / n
         state.update(current=None, start_robust=None, chunks_done=0, wall_time_s=wall_time())

@@ -18,11 +18,11 @@ import torch
 import yaml
 
 from .attacks import AA_VERSIONS, NORMS, TRAINING_ATTACKS
-from .data import AUGMENTATIONS, DATASETS
+from .data import AUGMENTATIONS, DATASETS, STREAMING_DATASETS, TWO_VIEW_AUGMENTATIONS
 from .errors import UserError, did_you_mean
 from .logging import WANDB_MODES
 from .methods import METHODS, MethodOptions, get_method
-from .models import check_options, create_model, enable_activation_checkpointing, list_models
+from .models import check_options, create_model, enable_activation_checkpointing, list_models, use_ghost_batchnorm
 
 
 @dataclass
@@ -35,7 +35,8 @@ class DataConfig:
     batch_size: int = 128
     generated: str = ""  # .npz with `image` and `label` arrays, mixed into every batch
     generated_ratio: float = 0.0
-    image_size: int = 32  # imagefolder only
+    image_size: int = 32  # imagefolder and imagenet: images are resized / cropped to this side length
+    workers: int = 0  # imagenet only: DataLoader worker processes decoding images (0: in the training process)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ModelConfig:
     name: str = "small_cnn"
     kwargs: typing.Dict[str, typing.Any] = field(default_factory=dict)  # to the model's constructor
     activation_checkpointing: bool = False  # recompute residual blocks' activations in backward (less memory)
+    # BatchNorm statistics over shards of this many rows in train mode (0: the whole batch); 32 at batch 128
+    # is what 4-GPU DataParallel computed for the released GKL models (docs/fidelity.md, row 9)
+    ghost_batch: int = 0
 
 
 def _default_method() -> MethodOptions:
@@ -87,9 +91,15 @@ class AWPConfig:
 
 @dataclass
 class EMAConfig:
+    """every: step = an EMA over optimiser steps; epoch = over the end-of-epoch weights, BatchNorm buffers
+    included (the released GKL models' averaging, docs/fidelity.md row 1). Weights before start_epoch
+    (0-based) are tracked, not averaged: with every=epoch the average starts from epoch start_epoch's
+    end-of-epoch weights and averages in every later epoch, like the official ``swa.py TAU START``."""
+
     enabled: bool = False
     decay: float = 0.9996
     start_epoch: int = 0
+    every: str = "step"
 
 
 @dataclass
@@ -152,6 +162,7 @@ class Config:
 # Allowed values of the enumerated string fields that no registry holds.
 CHOICES = {
     "attack.eps_schedule": ("constant", "linear"),
+    "ema.every": ("step", "epoch"),
     "attack.random_start": ("auto", "uniform", "normal", "none"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine", "step", "onecycle"),
@@ -179,7 +190,7 @@ def choices() -> dict[str, tuple]:
 
 
 NON_NEGATIVE = {  # the method's own options check themselves (advgkl.methods)
-    "data.subset", "data.val_size", "data.generated_ratio",
+    "data.subset", "data.val_size", "data.generated_ratio", "data.workers", "model.ghost_batch",
     "attack.eps", "attack.steps", "attack.step_size", "optim.lr",
     "optim.momentum", "optim.weight_decay", "optim.grad_clip", "optim.warmup_epochs", "awp.gamma",
     "awp.warmup_epochs", "ema.start_epoch", "eval.n_examples", "eval.eps", "runtime.seed", "runtime.threads",
@@ -295,9 +306,37 @@ def _validate_relations(cfg: Config) -> None:
     if cfg.model.activation_checkpointing:  # refused now if the model has no residual blocks (meta: no memory)
         with torch.device("meta"):
             enable_activation_checkpointing(create_model(cfg.model.name, **cfg.model.kwargs), cfg.model.name)
+    if cfg.model.ghost_batch:
+        if cfg.runtime.sync_bn:
+            raise UserError("model.ghost_batch and runtime.sync_bn: BatchNorm statistics cannot be both over shards "
+                            "and over the global batch; choose one")
+        with torch.device("meta"):  # refused now if the model has no BatchNorm
+            use_ghost_batchnorm(create_model(cfg.model.name, **cfg.model.kwargs), cfg.model.ghost_batch, cfg.model.name)
     method = get_method(cfg.method.name)
     if method.adversarial(cfg.method) and (cfg.attack.eps <= 0 or cfg.attack.steps <= 0):
         raise UserError(f"method {cfg.method.name} needs attack.eps > 0 and attack.steps > 0")
+    if cfg.data.dataset in STREAMING_DATASETS:
+        from .streaming import AUGMENTATIONS as STREAMING_AUGMENTATIONS
+
+        if cfg.data.augment not in STREAMING_AUGMENTATIONS:
+            raise UserError(f"data.augment: {cfg.data.augment!r} is not available for {cfg.data.dataset}; use one "
+                            f"of {', '.join(STREAMING_AUGMENTATIONS)}")
+        if cfg.data.generated:
+            raise UserError(f"data.generated: mixing in generated images is not available for {cfg.data.dataset}")
+        if cfg.eval.n_examples == 0:
+            raise UserError(f"eval.n_examples: 0 (all) is not available for {cfg.data.dataset}; choose a number "
+                            "(RobustBench's ImageNet board uses 5000)")
+    two_view = cfg.data.augment in TWO_VIEW_AUGMENTATIONS
+    if method.views == 2 and not two_view:
+        raise UserError(f"method {cfg.method.name} trains on two views of each image: set data.augment to "
+                        f"{' or '.join(TWO_VIEW_AUGMENTATIONS)}")
+    if two_view and method.views != 2:
+        two_view_methods = ", ".join(name for name, m in METHODS.items() if m.views == 2)
+        raise UserError(f"data.augment {cfg.data.augment} makes two views of each image, which method "
+                        f"{cfg.method.name} does not use; two-view methods: {two_view_methods}")
+    if two_view and cfg.optim.accumulate > 1:
+        raise UserError("optim.accumulate > 1 with a two-view augmentation: micro-batches would split the views "
+                        "apart; use model.ghost_batch for per-shard BatchNorm statistics")
     if cfg.awp.enabled and not method.adversarial(cfg.method):
         raise UserError(f"awp.enabled needs an adversarial method; {cfg.method.name} trains on clean inputs")
     if cfg.data.generated_ratio >= 1:
@@ -306,6 +345,9 @@ def _validate_relations(cfg: Config) -> None:
         raise UserError("data.generated_ratio > 0 needs data.generated (path to an .npz file)")
     if not 0 < cfg.ema.decay < 1:
         raise UserError(f"ema.decay: must be in (0, 1), got {cfg.ema.decay}")
+    if cfg.ema.enabled and cfg.ema.every == "epoch" and cfg.ema.start_epoch < 1:
+        raise UserError("ema.start_epoch: must be >= 1 with ema.every=epoch (the average starts from the weights "
+                        "after epoch start_epoch; 0 would average in the untrained initial weights)")
     if cfg.optim.warmup_epochs >= cfg.optim.epochs and cfg.optim.warmup_epochs > 0:
         raise UserError("optim.warmup_epochs must be smaller than optim.epochs")
     if cfg.eval.version == "custom" and not cfg.eval.attacks:

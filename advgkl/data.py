@@ -5,8 +5,9 @@ batch loader with vectorised augmentation and exact resume.
     loader = BatchLoader(images, labels, 128, augment="crop_flip", device="cuda", seed=0)
     for x, y in loader: ...                                       # float [B, C, H, W] in [0, 1]
 
-Every dataset is small enough to hold in memory (CIFAR-10 is 150 MB as uint8), so there are no
-Dataset objects or worker processes: indexing a tensor on the GPU is the whole pipeline.
+Every dataset but ImageNet is small enough to hold in memory (CIFAR-10 is 150 MB as uint8), so there are
+no Dataset objects or worker processes: indexing a tensor on the GPU is the whole pipeline. ImageNet is
+read from disk batch by batch by ``advgkl.streaming`` (docs/imagenet.md).
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ DATASETS: dict[str, DatasetInfo] = {
                             (0.2673, 0.2564, 0.2762), tuple(_CIFAR100_NAMES)),
     "svhn": DatasetInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), _DIGITS),
     "imagefolder": DatasetInfo("imagefolder", 0, (3, 0, 0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ()),
+    # read from disk batch by batch (advgkl.streaming), never whole; image_shape from data.image_size
+    "imagenet": DatasetInfo("imagenet", 1000, (3, 0, 0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ()),
 }
+STREAMING_DATASETS = ("imagenet",)  # too large for memory: advgkl.streaming reads them
 
 
 def _check_name(name: str) -> None:
@@ -77,8 +81,11 @@ def _check_name(name: str) -> None:
 
 
 def dataset_info(name: str, root: str | Path | None = None, image_size: int = 32) -> DatasetInfo:
-    """Facts for `name`; for `imagefolder` the classes come from `<root>/train/` and the size from image_size."""
+    """Facts for `name`; for `imagefolder` the classes come from `<root>/train/` and the size from image_size;
+    `imagenet` has 1000 classes and image_size x image_size images."""
     _check_name(name)
+    if name == "imagenet":
+        return replace(DATASETS[name], image_shape=(3, image_size, image_size))
     if name != "imagefolder":
         return DATASETS[name]
     if root is None:
@@ -98,6 +105,8 @@ def load_dataset(name: str, root: str | Path = DEFAULT_ROOT, train: bool = True,
     `UserError` saying what to put where (Fashion-MNIST is copied from the Debian package).
     """
     _check_name(name)
+    if name in STREAMING_DATASETS:
+        raise UserError(f"{name} is too large to load whole: advgkl reads it batch by batch (advgkl.streaming)")
     root = Path(root).expanduser()
     if name == "imagefolder":
         unknown = sorted(set(kw) - {"image_size"})
@@ -428,7 +437,9 @@ def load_generated_npz(path: str | Path, num_classes: int | None = None,
 
 # ---------------------------------------------------------------- augmentation
 
-AUGMENTATIONS = ("none", "crop_flip", "autoaugment")
+AUGMENTATIONS = ("none", "crop_flip", "autoaugment", "two_view_autoaugment")
+# Augmentations that return two views of each image: [B] images in, [2B] out, all first views first.
+TWO_VIEW_AUGMENTATIONS = ("two_view_autoaugment",)
 
 
 def _seed_for(*parts: int) -> int:
@@ -461,35 +472,69 @@ def augment_batch(images: torch.Tensor, mode: str, seed: int, crop_padding: int 
     """Augment a uint8 [B, C, H, W] batch; the result depends only on (images, mode, seed, crop_padding).
 
     crop_flip: `random_crop_flip`, vectorised on the images' device. autoaugment: crop_flip, then
-    torchvision's AutoAugment (CIFAR-10 policy) per image on the CPU; it draws from the global RNG,
-    which is forked and seeded with `seed` so the caller's random stream is left untouched.
+    torchvision's AutoAugment (CIFAR-10 policy, black fill) per image on the CPU; it draws from the global
+    RNG, which is forked and seeded with `seed` so the caller's random stream is left untouched.
+    two_view_autoaugment: [2B] images, a crop_flip view of each image, then an independent crop_flip +
+    AutoAugment view with grey fill (128), as the GKL reference's CIFAR-100 AutoAugment training.
     """
     if mode == "none":
         return images
     if mode not in AUGMENTATIONS:
         raise UserError(f"unknown augmentation {mode!r}; known: {', '.join(AUGMENTATIONS)}")
+    if mode == "two_view_autoaugment":
+        plain = random_crop_flip(images, torch.Generator().manual_seed(seed), crop_padding)
+        return torch.cat([plain, _autoaugment(images, _seed_for(seed, 1), crop_padding, fill=128)])
     out = random_crop_flip(images, torch.Generator().manual_seed(seed), crop_padding)
     if mode == "autoaugment":
-        from torchvision.transforms import v2
-
-        policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = torch.stack([policy(img) for img in out.cpu()]).to(images.device)
+        out = _autoaugment(out, seed, 0, fill=None)
     return out
+
+
+def _autoaugment(images: torch.Tensor, seed: int, crop_padding: int, fill: int | None) -> torch.Tensor:
+    """crop_flip (when crop_padding > 0) and then AutoAugment, CIFAR-10 policy, with ``fill`` for the pixels
+    that rotations and shears uncover (None: black)."""
+    from torchvision.transforms import v2
+
+    out = random_crop_flip(images, torch.Generator().manual_seed(seed), crop_padding) if crop_padding else images
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(img) for img in out.cpu()]).to(images.device)
 
 
 # ---------------------------------------------------------------- loader
 
-class BatchLoader:
+class LoaderCursor:
+    """A loader's position, {"epoch": e, "batch": k}: the next batch it yields. A loader is a cursor: each
+    pass continues where the last one stopped and moves on to the next epoch at the end, so
+    `for x, y in loader` once per epoch needs no `set_epoch`; `state_dict()` is all a resume needs."""
+
+    epoch, batch = 0, 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to batch 0 of `epoch`; a no-op for the current epoch, so a resumed position survives it."""
+        if epoch != self.epoch:
+            self.epoch, self.batch = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < len(self):
+            raise UserError(f"loader position {state} is outside 0 <= batch < {len(self)}")
+        self.epoch, self.batch = epoch, batch
+
+
+class BatchLoader(LoaderCursor):
     """Device-resident, exactly reproducible batches: yields (x float32 [B, C, H, W] in [0, 1], y int64 [B]).
 
     images uint8 [N, C, H, W] and labels [N] are moved to `device` once. Epoch e's order is a
     randperm seeded by (seed, e); batch k's augmentation is seeded by (seed, e, k); so any batch can
-    be rebuilt from its position, which is all `state_dict()` stores: {"epoch": e, "batch": k},
-    the next batch to yield. The loader is a cursor: each pass continues where the last one
-    stopped and moves on to the next epoch at the end, so `for x, y in loader` once per epoch
-    needs no `set_epoch`.
+    be rebuilt from its position (`LoaderCursor`).
 
     generated=(images, labels), generated_ratio=r: each batch holds round(r * B) generated samples
     after B - round(r * B) real ones; an epoch is one pass over the real set, and the generated
@@ -545,20 +590,6 @@ class BatchLoader:
         n = len(self.labels)
         return n // self.num_real if self.drop_last else math.ceil(n / self.num_real)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to batch 0 of `epoch`; a no-op for the current epoch, so a resumed position survives it."""
-        if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < len(self):
-            raise UserError(f"loader position {state} is outside 0 <= batch < {len(self)}")
-        self.epoch, self.batch = epoch, batch
-
     def _orders(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = len(self.labels)
         if self.shuffle:
@@ -584,6 +615,8 @@ class BatchLoader:
             x = torch.cat([x, self.gen_images[gidx]])
             y = torch.cat([y, self.gen_labels[gidx]])
         x = augment_batch(x, self.augment, _seed_for(self.seed, epoch, k, 2), self.crop_padding)
+        if self.augment in TWO_VIEW_AUGMENTATIONS:  # the rows are [views 1; views 2]
+            y = torch.cat([y, y])
         if self.world_size > 1:  # augment the whole batch first: the result must not depend on world_size
             x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
         return x.float().div_(255), y

@@ -12,7 +12,7 @@ from . import distributed, honesty
 from .attacks import AA_VERSIONS, FAST_VERSION_LABEL, AutoAttack
 from .checkpoint import RunLock, environment_info, file_sha256, load_checkpoint, write_json
 from .config import Config, config_diff, from_saved
-from .data import load_dataset
+from .data import STREAMING_DATASETS, load_dataset
 from .errors import UserError
 from .logging import RunLogger
 from .runtime import build_model, data_root, pick_memory_format, resolve_device
@@ -20,12 +20,20 @@ from .runtime import build_model, data_root, pick_memory_format, resolve_device
 
 def check_test_size(cfg: Config) -> None:
     """eval.n_examples must fit the test set: refused before training or before an eval folder is made."""
-    if cfg.eval.n_examples:
+    if cfg.eval.n_examples and cfg.data.dataset in STREAMING_DATASETS:  # counts files, decodes nothing
+        from . import streaming
+
+        streaming.check_test_size(data_root(cfg), cfg.eval.n_examples)
+    elif cfg.eval.n_examples:
         load_test_points(cfg, cfg.eval.n_examples)
 
 
 def load_test_points(cfg: Config, n_examples: int):
     """The first ``n_examples`` test images (float [N, C, H, W] in [0, 1]) and labels; 0 = all."""
+    if cfg.data.dataset in STREAMING_DATASETS:  # decoded from disk, only the n points asked for
+        from . import streaming
+
+        return streaming.evaluation_points(data_root(cfg), n_examples, cfg.data.image_size, cfg.data.workers)
     kw = {"image_size": cfg.data.image_size} if cfg.data.dataset == "imagefolder" else {}
     images, labels = load_dataset(cfg.data.dataset, data_root(cfg), train=False, **kw)
     if n_examples > len(images):

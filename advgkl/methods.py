@@ -8,7 +8,9 @@ method, never its name:
 - ``loss(model, x, x_adv, y, ctx) -> (loss, nat_logits, adv_logits)`` (a logits entry may be None);
 - ``objective(ctx)``: what the training attack maximises, or None for no attack;
 - ``random_start`` and ``step_size(eps)``: the training attack's defaults for this method;
-- ``uses_prior(opts)``, ``needs_teacher``, ``prior_logits``: the class prior and the teacher it needs.
+- ``uses_prior(opts)``, ``needs_teacher``, ``prior_rows``: the class prior and the teacher it needs;
+- ``views``: 2 for a method that trains on two augmented views of each image (``data.augment`` must then
+  be a two-view augmentation, which puts the views one after the other in each batch).
 
 Adding a method is one class here (or in your own module, imported before the recipe is loaded) and a
 recipe. The maths of the GKL family is in docs/gkl.md.
@@ -97,6 +99,7 @@ class Method:
     Options = MethodOptions
     random_start = "uniform"  # the training attack's start unless attack.random_start says otherwise
     needs_teacher = False
+    views = 1  # augmented views of each image per batch (advgkl.data.TWO_VIEW_AUGMENTATIONS for 2)
 
     def adversarial(self, opts) -> bool:
         """Whether training runs the attack (then attack.eps and attack.steps must be > 0)."""
@@ -112,9 +115,9 @@ class Method:
     def objective(self, ctx: Context):
         return "ce"
 
-    def prior_logits(self, nat_logits, ctx: Context):
-        """The logits the class prior learns from (the natural branch by default)."""
-        return nat_logits
+    def prior_rows(self, nat_logits, y, ctx: Context):
+        """(logits, labels) the class prior learns from: the natural branch and the batch's labels by default."""
+        return nat_logits, y
 
     def loss(self, model, x, x_adv, y, ctx: Context):
         raise NotImplementedError
@@ -266,8 +269,38 @@ class GKLAT(Method):
         o = ctx.opts
         nat, adv = model(x), model(x_adv)
         w = o.pair_weights(ctx, nat, y, o.sample_temperature)
-        reg = losses.gkl(adv.float(), nat.float(), w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric,
+        reg = losses.gkl(_upcast(adv), _upcast(nat), w, alpha=o.alpha, beta=o.beta, symmetric=o.symmetric,
                          denominator=o.denominator(ctx))
+        return losses.ce(nat, y) + reg, nat, adv
+
+
+@dataclass
+class TwoViewOptions(GKLATOptions):
+    view_b_weight: float = 0.5  # weight of the AutoAugment view's GKL term (the reference's --aug_weight)
+
+
+@register_method("gkl_at_two_view")
+class GKLATTwoView(GKLAT):
+    """GKL-AT on two views of each image, as the reference's CIFAR-100 AutoAugment model: the batch holds
+    the plain views (rows :B) then the AutoAugment views (rows B:); CE over both views, GKL on the plain
+    view plus view_b_weight x GKL on the AutoAugment view, each normalised over its own B rows; the class
+    prior learns from the plain view only. The attack perturbs both views (docs/fidelity.md, row 2)."""
+
+    Options = TwoViewOptions
+    views = 2
+
+    def prior_rows(self, nat_logits, y, ctx):
+        b = len(y) // 2
+        return nat_logits[:b], y[:b]
+
+    def loss(self, model, x, x_adv, y, ctx):
+        o, b = ctx.opts, len(y) // 2
+        nat, adv = model(x), model(x_adv)
+        reg = 0.0
+        for rows, weight in ((slice(None, b), 1.0), (slice(b, None), o.view_b_weight)):
+            w = o.pair_weights(ctx, nat[rows], y[rows], o.sample_temperature)
+            reg = reg + weight * losses.gkl(_upcast(adv[rows]), _upcast(nat[rows]), w, alpha=o.alpha, beta=o.beta,
+                                            symmetric=o.symmetric)
         return losses.ce(nat, y) + reg, nat, adv
 
 
@@ -308,8 +341,8 @@ class GKLKD(Method):
     def uses_prior(self, opts) -> bool:
         return opts.weights == "prior"
 
-    def prior_logits(self, nat_logits, ctx):
-        return ctx.teacher_logits
+    def prior_rows(self, nat_logits, y, ctx):
+        return ctx.teacher_logits, y
 
     def objective(self, ctx):
         def objective(adv_logits, y, teacher_logits):  # move the student away from the teacher's answer

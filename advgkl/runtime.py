@@ -56,4 +56,8 @@ def build_model(cfg: Config) -> nn.Module:
         from .models import enable_activation_checkpointing
 
         model = enable_activation_checkpointing(model, cfg.model.name)
+    if cfg.model.ghost_batch:
+        from .models import use_ghost_batchnorm
+
+        model = use_ghost_batchnorm(model, cfg.model.ghost_batch, cfg.model.name)
     return model

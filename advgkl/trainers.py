@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import distributed, evaluate, honesty
+from . import distributed, evaluate, honesty, preemption, streaming
 from .attacks import TRAINING_ATTACKS
 from .checkpoint import (FORMAT, RunLock, atomic_torch_save, environment_info, load_checkpoint, rng_state,
                          seed_everything, set_rng_state, write_json)
 from .config import Config, config_diff, from_saved, to_yaml
-from .data import BatchLoader, dataset_info, load_dataset, load_generated_npz, split_validation, take_subset
+from .data import (STREAMING_DATASETS, BatchLoader, dataset_info, load_dataset, load_generated_npz, split_validation,
+                   take_subset)
 from .errors import UserError
 from .logging import RunLogger
 from .losses import ClassPrior
@@ -108,7 +109,7 @@ def build_state(cfg: Config, model: nn.Module, device: torch.device, num_classes
     memory_format = pick_memory_format(cfg, device)
     model = world.convert_sync_bn(model.to(device, memory_format=memory_format), cfg.runtime.sync_bn)
     opt = make_optimizer(cfg, model, device)
-    ema = EMA(model, cfg.ema.decay) if cfg.ema.enabled else None
+    ema = EMA(model, cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
     awp = AWP(model, cfg.awp.gamma) if cfg.awp.enabled else None
     ctx = Context(opts=cfg.method)
     if method.uses_prior(cfg.method):
@@ -174,11 +175,12 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, *, eps: float, s
     if awp_on:
         s.awp.restore(model)
     s.world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere, before EMA copies them
-    if s.ema:
+    if s.ema and cfg.ema.every == "step":
         s.ema.update(model, active=s.epoch >= cfg.ema.start_epoch)
     if s.ctx.prior is not None:  # from the global batch, so the prior is the same on every rank
         s.ctx.teacher_logits = torch.cat(teacher) if s.ctx.teacher is not None else None
-        s.ctx.prior.update(s.world.gather_rows(s.method.prior_logits(nat, s.ctx)), s.world.gather_rows(y))
+        logits, labels = s.method.prior_rows(nat, y, s.ctx)
+        s.ctx.prior.update(s.world.gather_rows(logits), s.world.gather_rows(labels))
     s.ctx.fraction, s.ctx.batch_y = 1.0, None  # a later forward_loss outside a step is a whole batch
     s.step += 1
     return loss, nat, adv
@@ -372,15 +374,24 @@ def _configure_torch(cfg: Config, device: torch.device) -> None:
 def _build_data(cfg: Config, world: distributed.World, device: torch.device):
     """The training loader (this rank's share of each global batch), the validation split, the class count."""
     d = cfg.data
+    local = distributed.local_batch_size(d.batch_size, world)  # data.batch_size is global: it must split evenly
+    if local % cfg.optim.accumulate:
+        raise UserError(f"optim.accumulate={cfg.optim.accumulate} must divide each process's batch of {local} "
+                        f"(data.batch_size={d.batch_size} over {world.size} processes)")
+    if d.dataset in STREAMING_DATASETS:  # too large for memory: decoded batch by batch
+        with world.main_first():
+            folder, train_idx, val_idx = streaming.training_split(data_root(cfg), d.subset, d.val_size,
+                                                                  cfg.runtime.seed)
+        loader = streaming.StreamingLoader(folder, train_idx, d.batch_size, augment=d.augment,
+                                           image_size=d.image_size, seed=cfg.runtime.seed, device=device,
+                                           rank=world.rank, world_size=world.size, workers=d.workers)
+        num_classes = dataset_info(d.dataset, image_size=d.image_size).num_classes
+        return loader, streaming.held_out(folder, val_idx, d.image_size, d.workers), num_classes
     with world.main_first():  # a first-use download happens once, not once per rank
         (train_x, train_y), val = load_training_data(cfg)
     info = dataset_info(d.dataset, root=data_root(cfg), image_size=d.image_size)
     generated = (load_generated_npz(d.generated, num_classes=info.num_classes, image_shape=info.image_shape)
                  if d.generated else None)
-    local = distributed.local_batch_size(d.batch_size, world)  # data.batch_size is global: it must split evenly
-    if local % cfg.optim.accumulate:
-        raise UserError(f"optim.accumulate={cfg.optim.accumulate} must divide each process's batch of {local} "
-                        f"(data.batch_size={d.batch_size} over {world.size} processes)")
     real_per_batch = d.batch_size - (round(d.generated_ratio * d.batch_size) if generated else 0)
     if real_per_batch > len(train_x):
         raise UserError(f"data.batch_size={d.batch_size} needs {real_per_batch} training images per batch, "
@@ -436,8 +447,12 @@ def run_epoch(s: TrainState) -> dict:
                                  *_correct(nat, y), *_correct(adv, y)])
         every = cfg.runtime.checkpoint_every_steps
         # Not after the epoch's last batch: the end-of-epoch checkpoint (with the finished prior) follows.
-        if every and s.step % every == 0 and loader.state_dict()["epoch"] == epoch:
+        mid_epoch = loader.state_dict()["epoch"] == epoch
+        stop = mid_epoch and preemption.requested(s.world)  # a SLURM / user signal: save now, exit, requeue
+        if mid_epoch and (stop or every and s.step % every == 0):
             save_last(s, s.train_time + time.perf_counter() - t0)
+        if stop:
+            raise preemption.Preempted(f"{stop} at epoch {epoch + 1}, step {s.step}; state saved in {s.last_path}")
     if s.ctx.prior is not None:
         s.ctx.prior.finish_epoch()
     epoch_time = time.perf_counter() - t0
@@ -462,6 +477,8 @@ def _correct(logits: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor
 def end_epoch(s: TrainState, record: dict, logger) -> None:
     """Validation (and best.pt), the metrics record, the end-of-epoch checkpoint; the epoch is done."""
     cfg, world = s.cfg, s.world
+    if s.ema and cfg.ema.every == "epoch":  # every rank: the weights are the same everywhere
+        s.ema.update(s.model, active=s.epoch >= cfg.ema.start_epoch)
     s.epoch += 1
     last = s.epoch == cfg.optim.epochs
     if world.is_main and s.val is not None and (s.epoch % cfg.eval.val_every == 0 or last):  # rank 0: cheap

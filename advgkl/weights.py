@@ -52,18 +52,28 @@ class AWP:
 
 
 class EMA:
-    """Exponential moving average of weights (buffers copied); tracks the raw weights before start."""
+    """Exponential moving average of the weights; before it becomes active it tracks the raw weights.
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    every="step" (updated after each optimiser step): parameters averaged, buffers copied, since
+    BatchNorm's running statistics are already averages. every="epoch" (updated after each epoch): every
+    floating-point entry of the state dict averaged, BatchNorm buffers included, as the averaging script
+    behind the released GKL models does (docs/fidelity.md, row 1); integer buffers (batch counters) copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, every: str = "step"):
+        self.decay, self.every = decay, every
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, active: bool) -> None:
-        decay = self.decay if active else 0.0
+        """average = decay * average + (1 - decay) * weights when ``active``, else average = weights."""
+        weight = 1.0 - (self.decay if active else 0.0)
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
+            e.lerp_(p.detach(), weight)
         for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+            if self.every == "epoch" and e.is_floating_point():
+                e.lerp_(b, weight)
+            else:
+                e.copy_(b)

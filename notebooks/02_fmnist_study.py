@@ -3,11 +3,12 @@
 #
 # Tables and plots from the study's committed results; nothing here trains or attacks a model. Each finished
 # run is a folder `experiments/fmnist_study/results/runs/<method>_s<seed>/` written by
-# `experiments/fmnist_study/run_study.py`, with `results.json` (clean and AutoAttack accuracy, per-point
+# `advgkl sweep` (through `experiments/fmnist_study/run_study.py`), with `results.json` (clean and AutoAttack accuracy, per-point
 # outcomes, the gradient-masking checks), `metrics.jsonl` (one line per epoch) and `config.yaml`. The notebook
 # uses whatever runs exist: the methods are the folder names without `_s<seed>`, and a run without
 # `results.json` is still training (or was interrupted) and is listed, not used. Every number is computed by
-# `experiments/fmnist_study/analysis.py` (tested in `tests/test_study_analysis.py`); the cells here print and plot.
+# `experiments/fmnist_study/analysis.py` (tested in `tests/test_study_analysis.py`), whose tables, CSV and plot are
+# `advgkl summarize` (`advgkl/summarize.py`); the cells here print and plot.
 #
 # * **Mean ± std** is over seeds, with the sample standard deviation (ddof = 1). A method with a single
 #   finished seed shows its one value marked `n=1, no std`: until it has more seeds, its difference to
@@ -40,6 +41,7 @@ import numpy as np
 from IPython.display import Image, display
 
 import advgkl
+from advgkl import summarize
 from advgkl.data import DEFAULT_ROOT, dataset_info, load_dataset
 
 
@@ -112,8 +114,8 @@ RESULTS["unfinished"] = unfinished
 # %%
 summary = {m: analysis.summarise_method(rs) for m, rs in by_method.items()}
 eps_values = sorted({r["res"].get("eps") for r in runs})
-TABLE_MD = analysis.comparison_table(
-    summary, eps_values, STUDY_DIR.relative_to(ROOT) if STUDY_DIR.is_relative_to(ROOT) else STUDY_DIR)
+TABLE_MD = analysis.comparison_table(  # advgkl summarize, with the study's columns
+    STUDY_DIR, STUDY_DIR.relative_to(ROOT) if STUDY_DIR.is_relative_to(ROOT) else STUDY_DIR) if runs else ""
 print("README table (markdown):\n")
 print(TABLE_MD)
 if WRITE_FIGURES and runs:
@@ -145,30 +147,8 @@ RESULTS["table_md"] = TABLE_MD
 
 
 # %%
-def comparison_plot():
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(METHODS) + 2), 4))
-    x = np.arange(len(METHODS))
-    width = 0.38
-    for j, (key, label, hatch) in enumerate([("clean", "clean", ""), ("aa", "AutoAttack", "//")]):
-        means = [summary[m][f"{key}_mean"] for m in METHODS]
-        stds = [summary[m][f"{key}_std"] or 0.0 for m in METHODS]
-        pos = x + (j - 0.5) * width
-        ax.bar(pos, means, width, yerr=stds, capsize=3, color=[COLORS[m] for m in METHODS],
-               alpha=0.45 if key == "clean" else 0.9, hatch=hatch, edgecolor="black", linewidth=0.5, label=label)
-        for i, m in enumerate(METHODS):  # every seed as a dot: n is visible, not only the mean
-            seeds = [100 * r["res"]["clean_acc" if key == "clean" else "autoattack_acc"] for r in by_method[m]]
-            ax.plot([pos[i]] * len(seeds), seeds, "k.", markersize=5)
-            ax.text(pos[i], means[i] + stds[i] + 0.8, f"{means[i]:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xlim(-0.7, len(METHODS) - 0.3)  # a single method keeps the bar width of many
-    ax.set_xticklabels([f"{m}\n(n={summary[m]['n']})" for m in METHODS], fontsize=8)
-    top = max(summary[m]["clean_mean"] + (summary[m]["clean_std"] or 0) for m in METHODS)
-    ax.set(ylabel="accuracy %", ylim=(0, min(100, top + 10)),
-           title=f"Fashion-MNIST, L∞ eps = {joined(eps_values)}: clean and AutoAttack "
-                 f"({joined(v for s in summary.values() for v in s['autoattack_versions'])}, "
-                 f"first {joined(n for s in summary.values() for n in s['n_examples'])} test points)")
-    ax.title.set_fontsize(9)
-    ax.legend(loc="lower right", fontsize=8)
+def comparison_plot():  # advgkl.summarize.plot: the figure `advgkl summarize --png` writes
+    fig = summarize.plot(summary, by_method, eps_values)
     save_to = STUDY_DIR / "summary.png" if WRITE_FIGURES else None
     show(fig, save_to)
     if save_to is not None:
@@ -393,7 +373,7 @@ for sub in analysis.SUBSTUDIES:
     if not rows:
         print(f"{sub}/: no finished runs")
         continue
-    table = analysis.substudy_table(rows)
+    table = analysis.substudy_table(STUDY_DIR / sub)
     print(f"### {sub}/\n\n{table}")
     teachers = sorted({r["recipe"].get("teacher") for r in rows if r["recipe"].get("teacher")})
     if teachers:

@@ -25,7 +25,7 @@ def test_shipped_recipes_cover_the_published_settings():
     c10 = load_config(RECIPES[[p.stem for p in RECIPES].index("cifar10_gkl_wrn34_awp_ema")])
     assert (c10.method.alpha, c10.method.beta, c10.attack.steps) == (4.0, 20.0, 5)
     assert c10.attack.eps == pytest.approx(8 / 255) and c10.attack.eps_schedule == "linear"
-    assert c10.awp.enabled and c10.ema.enabled and c10.ema.start_epoch == 150
+    assert c10.awp.enabled and c10.ema.enabled and (c10.ema.every, c10.ema.start_epoch) == ("epoch", 1)
 
 
 def test_overrides_parse_yaml_scalars_and_fractions():

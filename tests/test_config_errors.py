@@ -91,7 +91,7 @@ def test_unknown_keys_list_what_is_allowed_where():
     (["method.name=gkl_at", "method.weights=uniform"], "method.weights: 'uniform' is not one of prior, sample"),
     (["method.name=gkl_at", "method.prior_temperature=0"], "method.prior_temperature: must be > 0, got 0.0"),
     (["method.name=trades", "method.beta=-1"], "method.beta: must be >= 0, got -1.0"),
-    (["method.name=at"], "method.name: 'at' is not one of standard, pgd_at, trades, mart, gkl_at, gkl_kd"),
+    (["method.name=at"], "method.name: 'at' is not one of standard, pgd_at, trades, mart, gkl_at, gkl_at_two_view, gkl_kd"),
     (["attack.name=cw"], "attack.name: 'cw' is not one of pgd, fgsm"),
     (["model.kwargs=[1]"], "model.kwargs: expected a mapping of option names to values, got [1]"),
     (["method.name=gkl_kd"], "method.teacher: gkl_kd needs a teacher (checkpoint path or robustbench:NAME)"),

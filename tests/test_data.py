@@ -32,7 +32,7 @@ def fmnist_1k(fmnist_train):
 # ---------------------------------------------------------------- registry and real data
 
 def test_registry_and_info():
-    assert sorted(DATASETS) == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "mnist", "svhn"]
+    assert sorted(DATASETS) == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "imagenet", "mnist", "svhn"]
     for name in ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"):
         info = dataset_info(name)
         assert len(info.class_names) == info.num_classes
@@ -41,11 +41,17 @@ def test_registry_and_info():
     assert dataset_info("fashion_mnist").class_names[9] == "Ankle boot"
 
 
-@pytest.mark.parametrize("call", [lambda: dataset_info("imagenet"), lambda: load_dataset("imagenet", "/tmp")])
+@pytest.mark.parametrize("call", [lambda: dataset_info("imagenet21k"), lambda: load_dataset("imagenet21k", "/tmp")])
 def test_unknown_dataset_lists_names(call):
     with pytest.raises(UserError) as err:
         call()
-    assert "imagenet" in str(err.value) and ", ".join(sorted(DATASETS)) in str(err.value)
+    assert "imagenet21k" in str(err.value) and ", ".join(sorted(DATASETS)) in str(err.value)
+
+
+def test_imagenet_is_never_loaded_whole():
+    assert dataset_info("imagenet", image_size=64).image_shape == (3, 64, 64)
+    with pytest.raises(UserError, match=r"imagenet is too large to load whole: advgkl reads it batch by batch"):
+        load_dataset("imagenet", "/tmp")
 
 
 def test_unknown_option_is_an_error(fmnist_root):

@@ -112,23 +112,59 @@ def test_import_robustbench_aliases_pyautoattack():
     assert sys.modules["autoattack"].AutoAttack is pyautoattack.AutoAttack
 
 
+BOARDS = [("cifar10", "L2"), ("cifar10", "Linf"), ("cifar10", "corruptions"), ("cifar100", "Linf"),
+          ("cifar100", "corruptions"), ("imagenet", "Linf"), ("imagenet", "corruptions")]
+ENTRIES = {("cifar10", "L2"): 21, ("cifar10", "Linf"): 99, ("cifar10", "corruptions"): 23, ("cifar100", "Linf"): 38,
+           ("cifar100", "corruptions"): 13, ("imagenet", "Linf"): 30, ("imagenet", "corruptions"): 12}
+BOARD_EPS = {"Linf": 8 / 255, "L2": 0.5}
+# upstream quirks kept as shipped: these entries' "dataset" field names another dataset
+WRONG_DATASET_FIELD = {("cifar100", "Linf", "Hendrycks2019Using")} | {
+    ("cifar100", "corruptions", n) for n in ("Gowal2020Uncovering_Linf", "Gowal2020Uncovering_extra_Linf",
+                                             "Hendrycks2020AugMix_ResNeXt", "Hendrycks2020AugMix_WRN")}
+
+
 def test_supported_pairs_ship_metadata():
-    assert rbio.supported() == [("cifar10", "L2"), ("cifar10", "Linf"), ("cifar100", "Linf")]
+    assert rbio.supported() == BOARDS
+    assert sum(ENTRIES.values()) == 236
 
 
-@pytest.mark.parametrize("dataset,threat_model", [("cifar10", "Linf"), ("cifar10", "L2"), ("cifar100", "Linf")])
+@pytest.mark.parametrize("dataset,threat_model", BOARDS)
 def test_every_zoo_model_has_metadata(dataset, threat_model):
     rows = rbio.leaderboard(dataset, threat_model)
-    names = {r["model_name"] for r in rows}
-    assert set(rbio._zoo(dataset, threat_model)) <= names
-    aa = [float(r["autoattack_acc"]) for r in rows]
-    assert aa == sorted(aa, reverse=True)
-    for r in rows:  # the eps field matches the threat model: 8/255 (or 0.031) Linf, 0.5 L2
-        eps = rbio.parse_eps(r["eps"])
-        assert eps == pytest.approx(0.5) if threat_model == "L2" else abs(eps - 8 / 255) < 1e-3
-        upstream_typo = r["model_name"] == "Hendrycks2019Using" and dataset == "cifar100"  # says "cifar10"
-        assert r["dataset"] == dataset or upstream_typo
-        assert 0 <= float(r["autoattack_acc"]) <= float(r["clean_acc"]) <= 100
+    key = rbio.metric(threat_model)
+    assert len(rows) == ENTRIES[(dataset, threat_model)]
+    assert set(rbio._zoo(dataset, threat_model)) <= {r["model_name"] for r in rows}
+    claimed = [float(r[key]) for r in rows]
+    assert claimed == sorted(claimed, reverse=True)
+    for r in rows:
+        if threat_model != "corruptions":  # 8/255 (or 0.031) Linf and 0.5 L2 on CIFAR; 4/255 on ImageNet
+            eps = 4 / 255 if dataset == "imagenet" else BOARD_EPS[threat_model]
+            assert abs(rbio.parse_eps(r["eps"]) - eps) < 1e-3
+        assert r["dataset"] == dataset or (dataset, threat_model, r["model_name"]) in WRONG_DATASET_FIELD
+        assert 0 <= float(r[key]) <= float(r["clean_acc"]) <= 100
+
+
+@pytest.mark.parametrize("dataset,threat_model", BOARDS)
+def test_every_shipped_entry_matches_its_metadata(dataset, threat_model):
+    """The listing's numbers are the JSON files' own; a corruptions entry's number is the mean of its 75 published
+    per-set accuracies (RobustBench's unaggregated_results.csv) wherever the CSV has the entry."""
+    files = sorted((rbio.MODEL_INFO_DIR / dataset / threat_model).glob("*.json"))
+    by_name = {r["model_name"]: r for r in rbio.leaderboard(dataset, threat_model)}
+    assert sorted(by_name) == [f.stem for f in files]
+    key = rbio.metric(threat_model)
+    with_csv = 0
+    for f in files:
+        raw, row = json.loads(f.read_text()), by_name[f.stem]
+        assert {k: row[k] for k in raw} == raw
+        assert (float(row["clean_acc"]), float(row[key])) == (float(raw["clean_acc"]), float(raw[key]))
+        per = rbio.claimed_per_corruption(f.stem, dataset) if threat_model == "corruptions" else None
+        if per is not None:
+            with_csv += 1
+            assert sorted(per) == sorted(rbio.corruptions()) and all(len(v) == 6 for v in per.values())
+            mean = sum(v[str(s)] for v in per.values() for s in range(1, 6)) / 75
+            assert mean == pytest.approx(float(raw[key]), abs=0.01)  # published with 2 decimals, some truncated
+    if threat_model == "corruptions":  # only CIFAR-10's two AugMix entries lack a row
+        assert with_csv == ENTRIES[(dataset, threat_model)] - (2 if dataset == "cifar10" else 0)
 
 
 @pytest.mark.parametrize("dataset,name,arch,clean,aa", GKL_ENTRIES)
@@ -145,6 +181,11 @@ def test_unknown_name_suggests_close_matches():
         rbio.leaderboard_entry("Cui2023Decoupled_WRN-34-10_autoaug", "cifar10", "Linf")
     with pytest.raises(UserError, match="advgkl ships: cifar10 L2"):
         rbio.leaderboard("cifar100", "L2")
+    with pytest.raises(UserError) as e:  # a name from another board is pointed there
+        rbio.leaderboard_entry("Salman2020Do_R50", "cifar10", "Linf")
+    assert "'Salman2020Do_R50' exists for: imagenet Linf (use --dataset / --threat-model)" in str(e.value)
+    with pytest.raises(UserError, match="Did you mean: Hendrycks2020AugMix, Hendrycks2020Many"):
+        rbio.leaderboard_entry("Hendrycks2020Augmix", "imagenet", "corruptions")
 
 
 def test_eps_parsing_and_formatting():

@@ -15,13 +15,15 @@ COMMITTED = STUDY_CODE / "results"
 sys.path.insert(0, str(STUDY_CODE))
 import analysis  # noqa: E402
 
+from advgkl import summarize  # noqa: E402
+
 
 def _run(name: str, clean: float, aa: float, *, n: int = 100, full: float | None = None, **res) -> dict:
     """A finished run as ``analysis.load_study_run`` returns it, with only what the summary reads."""
     method, seed = analysis.parse_run_name(name)
     res = {"clean_acc": clean, "autoattack_acc": aa, "n_examples": n, "autoattack_version": "standard",
            "model": "small_cnn", "epochs": 3, "wall_time_s": {"train": 1800.0}, "eps": 0.1,
-           "pgd20_full": None if full is None else {"pgd20_acc": full}, **res}
+           "pgd20_full": None if full is None else {"pgd20_acc": full, "n_examples": 10000}, **res}
     return {"name": name, "method": method, "seed": seed, "res": res, "honesty": {}, "epochs": []}
 
 
@@ -71,13 +73,11 @@ def test_committed_summary_numbers_and_the_collapsed_mart_seed(committed):
 
 
 def test_committed_tables_are_rebuilt_byte_for_byte(committed):
-    runs, _, summary = committed
-    eps = sorted({r["res"]["eps"] for r in runs})
-    table = analysis.comparison_table(summary, eps, "experiments/fmnist_study/results")
+    table = analysis.comparison_table(COMMITTED, "experiments/fmnist_study/results")
     assert table == (COMMITTED / "summary.md").read_text()
     assert "| mart | 3 (0, 1, 2) | seed 2 | 55.93 ± 38.48 | 47.93 ± 31.55 | ± 3.1 | 49.14 ± 33.89 |" in table
     for sub in analysis.SUBSTUDIES:
-        assert analysis.substudy_table(analysis.substudy_runs(COMMITTED / sub)) == (
+        assert analysis.substudy_table(COMMITTED / sub) == (
             COMMITTED / sub / "summary.md").read_text()
     rows = analysis.tuning_rows(COMMITTED)
     assert analysis.tuning_table(rows) == (COMMITTED / "tuning" / "summary.md").read_text()
@@ -123,13 +123,14 @@ def test_summary_table_of_hand_built_runs():
     assert b["pgd20_full_mean"] is None  # b_s3 has no PGD-20 on the full test set: no mean of one of two
     assert b["aa_test_subset_95"] == pytest.approx(100 * 1.959964 * math.sqrt(0.25 * 0.75 / 50), abs=1e-12)
     assert b["autoattack_versions"] == ["fast", "standard"] and b["n_examples"] == [50, 80]
-    table = analysis.comparison_table(summary, [0.1], "somewhere")
+    table = "\n".join(summarize.table(summary, summarize.STUDY_COLUMNS).splitlines() + [
+        summarize.footnote([_run("a_s0", 0.8, 0.6, full=0.62)], "somewhere/runs/*", "notebooks/02_fmnist_study.ipynb")])
     assert table.splitlines()[2:4] == [
         "| a | 2 (0, 1) | - | 85.00 ± 7.07 | 50.00 ± 14.14 | ± 9.8 | 56.00 ± 8.49 | standard | 100 | 3 "
         "| small_cnn |",
         "| b | 2 (2, 3) | seed 2 | 45.00 ± 42.43 | 25.00 ± 28.28 | ± 12.0 | - | fast, standard | 50, 80 | 3 "
         "| small_cnn |"]
-    assert table.endswith("Written by notebooks/02_fmnist_study.ipynb from somewhere/runs/*/results.json.\n")
+    assert table.endswith("Written by notebooks/02_fmnist_study.ipynb from somewhere/runs/*/results.json.")
     assert analysis.comparability_notes(summary) == [
         "warning: runs of b differ in AutoAttack version or test points: their mean mixes evaluations that are "
         "not comparable", "note: a non-'standard' AutoAttack version is a screening number, not a headline number"]

@@ -1,5 +1,5 @@
-"""The Fashion-MNIST study driver on a shrunken recipe: train, AutoAttack top-up, PGD-20 on all 10,000
-test points, the summary CSV, and the refusals."""
+"""The Fashion-MNIST study driver (recipes through advgkl sweep) on a shrunken recipe: train, AutoAttack
+top-up, PGD-20 on all 10,000 test points, the summary CSV, and the refusals."""
 import csv
 import importlib.util
 import json
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from advgkl.data import load_dataset
-from advgkl.errors import UserError
 
 DRIVER = Path(__file__).resolve().parents[1] / "experiments" / "fmnist_study" / "run_study.py"
 # a few seconds instead of the study's minutes: tiny model, 1,024 images, one epoch, 20 AutoAttack points
@@ -34,16 +33,20 @@ def study(run_study, fmnist_root, tmp_path_factory):
     return results
 
 
-def test_recipes_are_discovered_and_the_default_methods_exist(run_study):
+def test_recipes_are_discovered_and_the_default_methods_exist(run_study, tmp_path):
+    from advgkl.sweep import plan
+
     assert set(run_study.METHODS) <= set(run_study.RECIPES)
     assert {"kd_kl_adv", "kd_gkl_adv", "abl_asym", "abl_sample_w"} <= set(run_study.RECIPES)
     assert "base" not in run_study.RECIPES
-    for name in run_study.RECIPES:  # every recipe merges into a valid config
-        from advgkl.config import from_dict
-        raw = run_study.recipe(name)
-        if raw["method"]["name"] == "gkl_kd":
-            raw["method"]["teacher"] = "t.pt"
-        assert from_dict(raw).optim.epochs == 3
+    (tmp_path / "t.pt").write_bytes(b"")
+    recipes = run_study.HERE / "recipes"
+    specs = plan([str(recipes / "base.yaml")], [], [], [0], tmp_path, teacher=str(tmp_path / "t.pt"),
+                 variants=[str(recipes / f"{name}.yaml") for name in run_study.RECIPES])  # every recipe is valid
+    assert [s["name"] for s in specs] == [f"{name}_s0" for name in run_study.RECIPES]
+    assert all(s["_raw"]["optim"]["epochs"] == 3 for s in specs)
+    kd = [s for s in specs if s["_raw"]["method"]["name"] == "gkl_kd"]
+    assert kd and all(s["overrides"][-1] == f"method.teacher={tmp_path / 't.pt'}" for s in kd)
 
 
 def test_top_up_evaluates_more_points_and_the_summary_uses_them(study, run_study):
@@ -87,39 +90,29 @@ def test_pgd20_on_the_full_test_set(study, run_study, fmnist_root):
 
 
 def test_second_sitting_skips_finished_work(study, run_study, capsys):
-    before = {p: p.stat().st_mtime_ns for p in study.rglob("*.json")}
-    run_study.main(["--methods", "pgd_at", "--seeds", "0", "--results", str(study), "--aa-points", "40"])
-    assert "skip pgd_at_s0: results exist" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in study.rglob("*.json")} == before
+    before = {p: p.stat().st_mtime_ns for p in study.rglob("*.json") if p.name != "sweep.json"}
+    assert run_study.main(["--methods", "pgd_at", "--seeds", "0", "--results", str(study), "--aa-points", "40",
+                           "--set", *SHRINK]) == 0
+    assert f"sweep {study}: 1 run(s), 1 finished, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in study.rglob("*.json") if p.name != "sweep.json"} == before
 
 
-def test_distillation_recipe_needs_a_teacher(run_study, tmp_path):
-    with pytest.raises(UserError, match="--teacher"):
-        run_study.run_one("kd_kl_adv", 0, [], tmp_path)
-    with pytest.raises(UserError, match="--teacher"):
-        run_study.run_one("kd_gkl", 0, [], tmp_path, tmp_path / "missing.pt")
-    assert not (tmp_path / "runs").exists()
+def test_distillation_recipe_needs_a_teacher(run_study, tmp_path, capsys):
+    assert run_study.main(["--methods", "kd_kl_adv", "--seeds", "0", "--results", str(tmp_path / "r")]) == 2
+    assert "run kd_kl_adv_s0 (method gkl_kd) distils a teacher: pass --teacher" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "runs").exists()
 
 
-def test_top_up_without_a_checkpoint_warns_and_writes_nothing(run_study, tmp_path, capsys):
+@pytest.mark.parametrize("version, n, top_up, pgd20", [
+    ("standard", 20, True, True), ("standard", 40, False, True),
+    ("fast", 20, False, True),  # a screening run is not topped up to standard AutoAttack
+    ("none", 20, False, False)])  # a tune_* run (validation only) never sees the test set
+def test_which_extras_a_run_gets(tmp_path, version, n, top_up, pgd20):
+    from advgkl.sweep import needs_pgd20, top_up_target
+
     run = tmp_path / "runs" / "x_s0"
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"n_examples": 10, "autoattack_version": "standard"}))
-    run_study.top_up_autoattack(run, 40)
-    run_study.pgd20_full(run)
-    assert "cannot top up" in capsys.readouterr().out
-    assert sorted(p.name for p in run.iterdir()) == ["results.json"]
-
-
-@pytest.mark.parametrize("version", ["none", "fast"])
-def test_tuning_and_screening_runs_get_no_test_set_extras(study, run_study, tmp_path, version):
-    """A tune_* run (validation only) never sees the test set; a screening run is not topped up to standard AA."""
-    import shutil
-
-    run = tmp_path / "runs" / "x_s0"
-    shutil.copytree(study / "runs" / "pgd_at_s0" / "checkpoints", run / "checkpoints")
-    (run / "results.json").write_text(json.dumps({"n_examples": 20, "autoattack_version": version}))
-    run_study.top_up_autoattack(run, 40)
-    run_study.pgd20_full(run)
-    assert not (run / "aa40").exists()
-    assert (run / "pgd20_full.json").exists() == (version == "fast")
+    assert top_up_target(run, 40) is None and not needs_pgd20(run, True)  # not trained yet: nothing to add
+    (run / "results.json").write_text(json.dumps({"n_examples": n, "autoattack_version": version}))
+    assert (top_up_target(run, 40) == run / "aa40") is top_up and top_up_target(run, 0) is None
+    assert needs_pgd20(run, True) is pgd20 and not needs_pgd20(run, False)

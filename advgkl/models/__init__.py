@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -213,8 +214,39 @@ def enable_activation_checkpointing(model: nn.Module, name: str | None = None) -
     return model
 
 
-# importing the architecture modules fills the registry
-from advgkl.models import preact_resnet, small, wide_resnet  # noqa: E402,F401
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose train-mode statistics come from shards of ``ghost_batch`` rows, as under
+    ``nn.DataParallel``: each shard is normalised with its own mean and variance, and the running
+    statistics are updated from the first shard only (DataParallel keeps the device-0 replica's buffers
+    and drops the others'). Eval mode, and batches of at most ``ghost_batch`` rows, are plain BatchNorm."""
 
-__all__ = ["ACTIVATIONS", "CheckpointableBlock", "ModelInfo", "Normalize", "count_params", "create_model",
-           "enable_activation_checkpointing", "list_models", "make_activation", "model_info", "register_model"]
+    ghost_batch = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or len(x) <= self.ghost_batch:
+            return super().forward(x)
+        shards = x.split(self.ghost_batch)
+        first = super().forward(shards[0])  # the only shard that moves the running statistics
+        rest = [F.batch_norm(s, None, None, self.weight, self.bias, True, 0.0, self.eps) for s in shards[1:]]
+        return torch.cat([first, *rest])
+
+
+def use_ghost_batchnorm(model: nn.Module, ghost_batch: int, name: str | None = None) -> nn.Module:
+    """Turn every BatchNorm2d of ``model`` into a ``GhostBatchNorm2d`` over shards of ``ghost_batch`` rows;
+    returns ``model``. Parameters, buffers and state_dict keys are unchanged (only the class changes), so
+    checkpoints load either way. ``UserError`` for a model without BatchNorm; ``name`` is for that message."""
+    bns = [m for m in model.modules() if type(m) in (nn.BatchNorm2d, GhostBatchNorm2d)]
+    if not bns:
+        raise UserError(f"model.ghost_batch: model {name or type(model).__name__} has no BatchNorm2d layers")
+    for m in bns:
+        m.__class__ = GhostBatchNorm2d  # in place: the module keeps its tensors and its place in the model
+        m.ghost_batch = ghost_batch
+    return model
+
+
+# importing the architecture modules fills the registry
+from advgkl.models import preact_resnet, resnet, small, wide_resnet  # noqa: E402,F401
+
+__all__ = ["ACTIVATIONS", "CheckpointableBlock", "GhostBatchNorm2d", "ModelInfo", "Normalize", "count_params",
+           "create_model", "enable_activation_checkpointing", "list_models", "make_activation", "model_info",
+           "register_model", "use_ghost_batchnorm"]

@@ -10,10 +10,12 @@ import torch
 from advgkl.errors import UserError
 
 from .board import _check_pair, format_eps
+from .testsets import TEST_SET_SIZE
 from .zoo import check_checkpoint_file, checkpoint_path
 
-TEST_SET_SIZE = {"cifar10": 10_000, "cifar100": 10_000}
 REQUIRED_RESULTS = ("dataset", "threat_model", "eps", "model", "method", "clean_acc", "autoattack_acc")
+# a corruptions entry: the mean accuracy over 15 corruptions x 5 severities (reproduction.corruption_accuracy)
+REQUIRED_CORRUPTION_RESULTS = ("dataset", "model", "method", "clean_acc", "corruptions_acc")
 GENERATED_FOOTNOTE = "It uses additional generated images in training."
 
 _ARCH_PATTERNS = [  # advgkl model names -> RobustBench's architecture strings
@@ -51,8 +53,8 @@ def _uses_generated_data(config: dict) -> bool:
     return bool(data.get("generated")) and float(data.get("generated_ratio") or 0.0) > 0.0
 
 
-def _read_results(run_dir: Path) -> dict:
-    """``{run_dir}/results.json``, checked to hold what a RobustBench entry needs."""
+def _read_results(run_dir: Path, board: str | None = None) -> dict:
+    """``{run_dir}/results.json``, checked to hold what an entry of ``board`` (default: the run's threat model) needs."""
     res_path = run_dir / "results.json"
     if not res_path.is_file():
         raise UserError(f"{res_path} not found: export-robustbench needs a finished run directory "
@@ -61,9 +63,19 @@ def _read_results(run_dir: Path) -> dict:
         res = json.loads(res_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{res_path} is not valid JSON ({e})") from None
+    if board == "corruptions" or (board is None and res.get("threat_model") == "corruptions"):
+        missing = [k for k in REQUIRED_CORRUPTION_RESULTS if res.get(k) is None]
+        if missing:
+            raise UserError(f"{res_path} lacks {missing}; a corruptions entry needs {list(REQUIRED_CORRUPTION_RESULTS)}"
+                            f" (corruptions_acc: advgkl.robustbench_io.corruption_accuracy on CIFAR-C / ImageNet-C)")
+        _check_pair(res["dataset"], "corruptions")
+        return res
     missing = [k for k in REQUIRED_RESULTS if k not in res]
     if missing:
         raise UserError(f"{res_path} lacks {missing}; it needs {list(REQUIRED_RESULTS)}")
+    if board is not None and board != res["threat_model"]:
+        raise UserError(f"{res_path} holds a {res['threat_model']} evaluation; it cannot be exported to the {board} "
+                        f"board")
     _check_pair(res["dataset"], res["threat_model"])
     if res["autoattack_acc"] is None:
         raise UserError(f"{res_path} has no AutoAttack accuracy (evaluated with version 'none'); RobustBench "
@@ -104,41 +116,50 @@ def _plain_state_dict(state: dict) -> dict:
     return plain
 
 
-def _model_info_json(res: dict, *, architecture: str, link: str, paper_title: str, authors: str, venue: str,
-                     footnote: str | None, additional_data: bool | None) -> dict:
-    """RobustBench's model_info fields, in the order of its own files; accuracies as '85.31' strings."""
-    clean_acc, aa_acc = float(res["clean_acc"]), float(res["autoattack_acc"])
+def _model_info_json(res: dict, board: str, *, architecture: str, link: str, paper_title: str, authors: str,
+                     venue: str, footnote: str | None, additional_data: bool | None) -> dict:
+    """RobustBench's model_info fields, in the order of its own files; accuracies as '85.31' strings.
+
+    A corruptions entry has ``corruptions_acc`` where the others have ``autoattack_acc`` / ``unreliable``,
+    and the training eps (null when the run's threat model is not Linf / L2), as RobustBench's own do.
+    """
+    key = "corruptions_acc" if board == "corruptions" else "autoattack_acc"
+    clean_acc, acc = float(res["clean_acc"]), float(res[key])
     scale = 100.0 if clean_acc <= 1.0 else 1.0  # results.json may hold fractions or percentages
     if footnote is None:
         footnote = GENERATED_FOOTNOTE if _uses_generated_data(res.get("config") or {}) else ""
     if additional_data is None:
         additional_data = bool(res.get("additional_data", False))
+    eps = None
+    if res.get("threat_model") in ("Linf", "L2") and res.get("eps") is not None:
+        eps = format_eps(float(res["eps"]), res["threat_model"])
     info = {
         "link": link, "name": paper_title or f"advgkl {res['method']}", "authors": authors,
         "additional_data": additional_data, "number_forward_passes": 1, "dataset": res["dataset"],
-        "venue": venue, "architecture": architecture, "eps": format_eps(float(res["eps"]), res["threat_model"]),
-        "clean_acc": f"{clean_acc * scale:.2f}", "reported": f"{aa_acc * scale:.2f}",
-        "autoattack_acc": f"{aa_acc * scale:.2f}", "unreliable": False,
+        "venue": venue, "architecture": architecture, "eps": eps,
+        "clean_acc": f"{clean_acc * scale:.2f}", "reported": f"{acc * scale:.2f}", key: f"{acc * scale:.2f}",
     }
+    if board != "corruptions":
+        info["unreliable"] = False
     if footnote:
         info["footnote"] = footnote
     return info
 
 
-def _warn_unlike_leaderboard(res: dict, echo) -> None:
+def _warn_unlike_leaderboard(res: dict, board: str, echo) -> None:
     """Warns when the run's evaluation differs from a leaderboard entry's (full test set, standard AA)."""
     dataset, n = res["dataset"], res.get("n_examples")
     if n is not None and n < TEST_SET_SIZE.get(dataset, n):
         echo(f"warning: evaluated on {n} test points; RobustBench entries use the full test set "
              f"({TEST_SET_SIZE[dataset]})")
-    if res.get("autoattack_version", "standard") != "standard":
+    if board != "corruptions" and res.get("autoattack_version", "standard") != "standard":
         echo(f"warning: AutoAttack {res['autoattack_version']!r}; RobustBench entries use 'standard'")
 
 
 def export_robustbench(run_dir: str | Path, *, name: str | None = None, out_dir: str | Path | None = None,
                        architecture: str | None = None, link: str = "", paper_title: str = "", authors: str = "",
                        venue: str = "", footnote: str | None = None, additional_data: bool | None = None,
-                       echo=print) -> tuple[Path, Path]:
+                       threat_model: str | None = None, echo=print) -> tuple[Path, Path]:
     """Writes one run as RobustBench would list it; returns (json_path, weights_path).
 
     Reads ``{run_dir}/results.json`` and the weights it reports on: ``results["evaluated_weights"]`` is
@@ -151,28 +172,32 @@ def export_robustbench(run_dir: str | Path, *, name: str | None = None, out_dir:
     defaults to ``{run_dir}/robustbench``. Accuracies in results.json may be fractions or percentages
     (fractions when ``clean_acc <= 1``). The footnote defaults to naming generated training data when
     the run's config mixed it in (``data.generated`` with ``data.generated_ratio`` > 0).
+    ``threat_model`` picks the board (default: the run's own): "corruptions" writes a corruptions entry
+    from ``results["corruptions_acc"]`` (RobustBench's mean over 15 corruptions x 5 severities, e.g. from
+    ``reproduction.corruption_accuracy``) under ``{out}/model_info/{dataset}/corruptions/``.
     """
     from advgkl.checkpoint import atomic_torch_save, write_json
 
     run_dir = Path(run_dir)
-    res = _read_results(run_dir)
+    res = _read_results(run_dir, threat_model)
+    board = threat_model or res["threat_model"]
     which, state = _evaluated_weights(res, run_dir)
     weights = _plain_state_dict(state)
     arch = architecture or _architecture(str(res["model"]))
     name = name or f"advgkl_{res['method']}_{arch}".replace(" ", "_")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise UserError(f"--name {name!r}: use letters, digits, '_', '-', '.' (RobustBench model ids)")
-    info = _model_info_json(res, architecture=arch, link=link, paper_title=paper_title, authors=authors,
+    info = _model_info_json(res, board, architecture=arch, link=link, paper_title=paper_title, authors=authors,
                             venue=venue, footnote=footnote, additional_data=additional_data)
 
-    dataset, threat_model = res["dataset"], res["threat_model"]
+    dataset = res["dataset"]
     out = Path(out_dir) if out_dir is not None else run_dir / "robustbench"
-    json_path = out / "model_info" / dataset / threat_model / f"{name}.json"
-    weights_path = checkpoint_path(name, dataset, threat_model, out)
+    json_path = out / "model_info" / dataset / board / f"{name}.json"
+    weights_path = checkpoint_path(name, dataset, board, out)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(json_path, info)
     atomic_torch_save(weights, weights_path)
-    _warn_unlike_leaderboard(res, echo)
+    _warn_unlike_leaderboard(res, board, echo)
     echo(f"exported {which!r} weights of {run_dir} as {name}:\n  {json_path}\n  {weights_path}")
     return json_path, weights_path

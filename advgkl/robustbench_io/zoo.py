@@ -159,21 +159,35 @@ def _timm_name(name: str, dataset: str, threat_model: str) -> str:
     return f"{name.lower().replace('-', '_')}_{dataset}_{threat_model.lower()}"
 
 
-def hub_weights(name: str, dataset: str, threat_model: str) -> tuple[str, Path | None] | None:
-    """(URL, cached file) of a zoo entry whose weights timm downloads (the XCiT entries); None otherwise.
+# ImageNet entries that robustbench's load_model builds with torchvision's pretrained weights (no file of its own)
+_TORCHVISION_WEIGHTS = {"Standard_R50": "ResNet50_Weights"}
 
-    timm fetches the URL with ``torch.hub`` into ``{torch.hub.get_dir()}/checkpoints/`` ($TORCH_HOME/hub,
-    default ~/.cache/torch/hub) and reads that file on later calls; ``model_dir`` plays no part. The file
+
+def _weights_provider(name: str, dataset: str) -> str:
+    return "torchvision" if dataset == "imagenet" and name in _TORCHVISION_WEIGHTS else "timm"
+
+
+def hub_weights(name: str, dataset: str, threat_model: str) -> tuple[str, Path | None] | None:
+    """(URL, cached file) of a zoo entry whose weights timm or torchvision download; None otherwise.
+
+    Those are the XCiT / DeiT entries (timm) and ImageNet's Standard_R50 (torchvision's ImageNet weights).
+    Both fetch the URL with ``torch.hub`` into ``{torch.hub.get_dir()}/checkpoints/`` ($TORCH_HOME/hub,
+    default ~/.cache/torch/hub) and read that file on later calls; ``model_dir`` plays no part. The file
     is None for weights on the Hugging Face hub (none of the zoo's entries in robustbench 1.1.1).
     """
+    from urllib.parse import urlparse
+
     _zoo(dataset, threat_model)  # imports robustbench's model zoo, which registers its timm models
+    if _weights_provider(name, dataset) == "torchvision":
+        import torchvision
+
+        url = getattr(torchvision.models, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url  # pretrained=True's
+        return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     import timm
 
     timm_name = _timm_name(name, dataset, threat_model)
     if not timm.is_model(timm_name):
         return None
-    from urllib.parse import urlparse
-
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(timm_name)
@@ -195,14 +209,16 @@ def _checkpoint_files(name: str, dataset: str, threat_model: str, model_dir: str
 
 
 def _ensure_hub_weights(name: str, dataset: str, threat_model: str, *, download: bool) -> None:
-    """Offline, the file timm would download must already be in torch.hub's cache; a cached file must be one."""
+    """Offline, the file timm / torchvision would download must already be in torch.hub's cache; a cached file
+    must be one."""
     hub = hub_weights(name, dataset, threat_model)
     if hub is None:
         return
     url, cached = hub
+    who = _weights_provider(name, dataset)
     if cached is None:
         if not download:
-            raise UserError(f"the weights of {name} come from {url} through timm and downloads are off "
+            raise UserError(f"the weights of {name} come from {url} through {who} and downloads are off "
                             f"(--offline); run once without --offline to cache them")
         return
     if cached.is_file():  # timm reads a cached file as is: a bad one is named here, not deep inside torch
@@ -212,13 +228,13 @@ def _ensure_hub_weights(name: str, dataset: str, threat_model: str, *, download:
         if kind != "torch":
             what = {"empty": "is empty", "html": "is an HTML page (a failed download?)"}.get(
                 kind, "is not a torch checkpoint")
-            raise UserError(f"the cached weights of {name}, {cached}, {what}; delete the file so that timm "
+            raise UserError(f"the cached weights of {name}, {cached}, {what}; delete the file so that {who} "
                             f"downloads it again from {url}")
         return
     if download:
         return
     raise UserError(f"the weights of {name} are not in torch.hub's cache and downloads are off (--offline): "
-                    f"timm (not --model-dir) provides them, from {url}; put that file at {cached} (the cache "
+                    f"{who} (not --model-dir) provides them, from {url}; put that file at {cached} (the cache "
                     f"follows $TORCH_HOME), or run once without --offline")
 
 
@@ -266,10 +282,11 @@ def load_zoo_model(name: str, dataset: str, threat_model: str, model_dir: str | 
         reason = _first_line_without_unsafe_advice(e)[:600]
         if from_files:
             source = checkpoint_path(name, dataset, threat_model, model_dir)
-        else:  # timm downloads these weights itself (torch.hub), from a URL of its own
+        else:  # timm or torchvision downloads these weights itself (torch.hub), from a URL of its own
             hub = hub_weights(name, dataset, threat_model)
-            source = f"{hub[0]} (timm's download, cached in {hub[1].parent})" if hub and hub[1] else \
-                (hub[0] if hub else "timm")
+            who = _weights_provider(name, dataset)
+            source = f"{hub[0]} ({who}'s download, cached in {hub[1].parent})" if hub and hub[1] else \
+                (hub[0] if hub else who)
         raise UserError(f"robustbench could not load {name} from {source}: {type(e).__name__}: {reason}. The file "
                         f"does not hold the weights of {architecture} for {dataset} {threat_model}, or the "
                         f"download failed.") from None

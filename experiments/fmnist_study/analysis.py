@@ -1,8 +1,9 @@
 """The Fashion-MNIST study's analysis: every number notebooks/02_fmnist_study.py shows, as functions.
 
-The notebook only prints and plots what these return. Import with this folder on ``sys.path`` (the notebook
-and the tests put it there): ``import analysis``; ``run_study`` beside it is imported the same way, for its
-``load_run``. A run is ``runs/<method>_s<seed>/`` with ``results.json`` (accuracies as fractions) and
+The notebook only prints and plots what these return; the tables, summary.csv and the plot are
+``advgkl summarize`` (``advgkl.summarize``), which this module calls. Import with this folder on
+``sys.path`` (the notebook and the tests put it there): ``import analysis``. A run is
+``runs/<method>_s<seed>/`` with ``results.json`` (accuracies as fractions) and
 ``metrics.jsonl``; the tables show percent.
 """
 from __future__ import annotations
@@ -14,16 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from run_study import load_run
+from advgkl import summarize
+from advgkl.summarize import (COLLAPSED_BELOW, Z_95, describe_recipe, fmt, is_collapsed, joined,  # noqa: F401
+                              load_run, markdown_table, parse_run_name, pct_mean_std, subset_halfwidth_95)
 
-# a run that ended at or near chance (clean accuracy below twice 1/10): flagged, and still counted in the mean
-COLLAPSED_BELOW = 0.2
-Z_95 = 1.959964  # two-sided 95 % quantile of the standard normal
 SUBSTUDIES = ("kd", "ablations")
-TABLE_HEAD = ["method", "runs (seeds)", "collapsed", "clean %", "AutoAttack %", "± test subset (95%)",
-              "PGD-20 % (all 10k)", "AutoAttack version", "test points", "epochs", "model"]
-SUBSTUDY_HEAD = ["run", "method", "seeds", "clean %", "AutoAttack %", "AA version (points)", "PGD-20 % (all 10k)",
-                 "model"]
 
 
 def study_dir(root: Path, override: str | None) -> Path:
@@ -49,12 +45,6 @@ def logged_epochs(run_dir: Path) -> list[dict]:
     """One metrics.jsonl row per epoch, in epoch order; a resumed run logs an epoch again and the last row wins."""
     by_epoch = {m["epoch"]: m for m in read_jsonl(run_dir / "metrics.jsonl") if "epoch" in m}
     return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def parse_run_name(name: str) -> tuple[str, int] | None:
-    """``<method>_s<seed>`` -> (method, seed); None for a folder not named that way."""
-    method, sep, seed = name.rpartition("_s")
-    return (method, int(seed)) if sep and method and seed.isdigit() else None
 
 
 def load_study_run(run_dir: Path) -> dict:
@@ -92,78 +82,16 @@ def group_runs(runs: list[dict], key: str = "method") -> dict[str, list[dict]]:
     return {g: groups[g] for g in order}
 
 
-def pct_mean_std(values) -> tuple[float, float | None]:
-    """Mean and sample std (ddof = 1) of fractions, in %; the std is None for a single value."""
-    a = 100 * np.asarray(values, dtype=float)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
-
-
-def fmt(mean: float, std: float | None) -> str:
-    """``mean ± std`` to two decimals, or ``mean (n=1, no std)``."""
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} (n=1, no std)"
-
-
-def joined(values) -> str:
-    """The distinct values, sorted, comma-separated."""
-    return ", ".join(str(v) for v in sorted(set(values)))
-
-
-def is_collapsed(res: dict) -> bool:
-    """The collapsed-run rule: the run's clean accuracy is below ``COLLAPSED_BELOW`` (0.2, twice chance)."""
-    return res["clean_acc"] < COLLAPSED_BELOW
-
-
-def subset_halfwidth_95(acc_pct: float, n_points: int) -> float:
-    """95 % half-width, in %, of a binomial proportion ``acc_pct`` measured on ``n_points`` test points."""
-    p = acc_pct / 100
-    return 100 * Z_95 * float(np.sqrt(p * (1 - p) / n_points))
-
-
 def summarise_method(rs: list[dict]) -> dict:
-    """One method's row of the comparison table from its runs: means and stds in %, the seeds, the collapsed
-    seeds, and what the evaluations were (AutoAttack version, test points, epochs, model)."""
-    clean_mean, clean_std = pct_mean_std([r["res"]["clean_acc"] for r in rs])
-    aa_mean, aa_std = pct_mean_std([r["res"]["autoattack_acc"] for r in rs])
-    full = [r["res"]["pgd20_full"] for r in rs if r["res"].get("pgd20_full")]
-    pgd_mean, pgd_std = pct_mean_std([f["pgd20_acc"] for f in full]) if len(full) == len(rs) else (None, None)
-    return {
-        "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
-        "clean_mean": clean_mean, "clean_std": clean_std, "aa_mean": aa_mean, "aa_std": aa_std,
-        "aa_test_subset_95": subset_halfwidth_95(aa_mean, min(r["res"]["n_examples"] for r in rs)),
-        "pgd20_full_mean": pgd_mean, "pgd20_full_std": pgd_std,
-        "models": sorted({r["res"].get("model", "?") for r in rs}),
-        "autoattack_versions": sorted({r["res"]["autoattack_version"] for r in rs}),
-        "n_examples": sorted({r["res"]["n_examples"] for r in rs}),
-        "epochs": sorted({r["res"].get("epochs") for r in rs if r["res"].get("epochs") is not None}),
-        "train_hours": float(np.mean([(r["res"].get("wall_time_s") or {}).get("train") or 0 for r in rs])) / 3600,
-        "collapsed": sorted(r["seed"] for r in rs if is_collapsed(r["res"])),
-    }
+    """One method's row of the comparison table: ``advgkl.summarize.summarise_group`` of its runs."""
+    return summarize.summarise_group(rs)
 
 
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    """A markdown table, without a trailing newline."""
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def table_row(method: str, s: dict) -> list[str]:
-    """The comparison table's cells for one method's ``summarise_method``."""
-    pgd = fmt(s["pgd20_full_mean"], s["pgd20_full_std"]) if s["pgd20_full_mean"] is not None else "-"
-    return [method, f"{s['n']} ({joined(s['seeds'])})", f"seed {joined(s['collapsed'])}" if s["collapsed"] else "-",
-            fmt(s["clean_mean"], s["clean_std"]), fmt(s["aa_mean"], s["aa_std"]), f"± {s['aa_test_subset_95']:.1f}",
-            pgd, joined(s["autoattack_versions"]), joined(s["n_examples"]), joined(s["epochs"]), joined(s["models"])]
-
-
-def comparison_table(summary: dict[str, dict], eps_values, source) -> str:
-    """The README's method table (summary.md): one row per method in ``summary``'s order, then the footnote
-    naming the eps values and the results folder ``source``."""
-    footnote = (f"Fashion-MNIST, L∞ eps = {joined(eps_values)}; mean ± sample std over seeds (n=1: a single seed, "
-                f"no std), collapsed runs (training ended below {100 * COLLAPSED_BELOW:g} % clean accuracy, chance "
-                f"is 10 %) included; AutoAttack on the first n test points of each run; PGD-20 (CE, random start) "
-                f"on all 10,000 test points, '-' where a run lacks it. Written by "
-                f"notebooks/02_fmnist_study.ipynb from {source}/runs/*/results.json.")
-    rows = [table_row(m, s) for m, s in summary.items()]
-    return markdown_table(TABLE_HEAD, rows) + "\n\n" + footnote + "\n"
+def comparison_table(study: Path, source) -> str:
+    """The README's method table (summary.md): ``advgkl summarize`` over ``study/runs`` with the study's
+    columns, and the footnote naming the results folder ``source``."""
+    return summarize.summarize([study], columns=summarize.STUDY_COLUMNS, source=f"{source}/runs/*",
+                               written_by="notebooks/02_fmnist_study.ipynb")["markdown"]
 
 
 def write_summary(folder: Path, text: str) -> Path:
@@ -316,26 +244,9 @@ def substudy_runs(folder: Path) -> list[dict]:
     return found
 
 
-def describe_recipe(m: dict) -> str:
-    """The method column of a sub-study table: the method name, and for gkl_kd its loss and inputs."""
-    if m.get("name") != "gkl_kd":
-        return m.get("name", "?")
-    return f"gkl_kd ({m.get('kd_loss')}, {'adversarial' if m.get('kd_adversarial') else 'natural'} inputs)"
-
-
-def substudy_table(rows: list[dict]) -> str:
-    """A sub-study's markdown table (its summary.md): one row per run name, best mean AutoAttack first."""
-    lines = []
-    for n, rs in group_runs(rows, key="name").items():
-        res = [r["res"] for r in rs]
-        full = [x["pgd20_full"]["pgd20_acc"] for x in res if x.get("pgd20_full")]
-        lines.append([n, describe_recipe(rs[0]["recipe"]), joined(r["seed"] for r in rs),
-                      fmt(*pct_mean_std([x["clean_acc"] for x in res])),
-                      fmt(*pct_mean_std([x["autoattack_acc"] for x in res])),
-                      f"{joined(x['autoattack_version'] for x in res)} ({joined(x['n_examples'] for x in res)})",
-                      fmt(*pct_mean_std(full)) if len(full) == len(rs) else "-",
-                      joined(x.get("model", "?") for x in res)])
-    return markdown_table(SUBSTUDY_HEAD, lines) + "\n"
+def substudy_table(folder: Path) -> str:
+    """A sub-study's markdown table (its summary.md): ``advgkl summarize`` with the short columns."""
+    return summarize.summarize([folder], columns=summarize.SHORT_COLUMNS, with_footnote=False)["markdown"]
 
 
 def final_val(run_dir: Path) -> tuple[float | None, float | None]:

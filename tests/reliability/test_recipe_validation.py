@@ -30,7 +30,7 @@ logging: {wandb: disabled, progress: false}
 runtime: {device: cpu}
 """
 DEMO = "experiments/recipes/fmnist_gkl_demo.yaml"
-METHODS = "standard, pgd_at, trades, mart, gkl_at, gkl_kd"
+METHODS = "standard, pgd_at, trades, mart, gkl_at, gkl_at_two_view, gkl_kd"
 OPTIM_KEYS = ("accumulate, epochs, grad_clip, lr, milestones, momentum, name, nesterov, schedule, step_gamma, "
               "warmup_epochs, weight_decay")
 TOP_KEYS = "attack, awp, data, ema, eval, logging, method, model, name, optim, runtime"
