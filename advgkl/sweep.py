@@ -118,7 +118,8 @@ def plan(recipes: list[str], overrides: list[str], grid: list[tuple[str, list[st
         raise UserError(f"--variants {' '.join(variants)}: two files have the same name; run names would clash")
     keys = [k for k, _ in grid]
     specs = []
-    for (stem, raw), values, seed in product(stacks, product(*(vals for _, vals in grid)), seeds):
+    # seeds outermost: a sweep stopped part-way has compared every variant and grid point on its first seeds
+    for seed, (stem, raw), values in product(seeds, stacks, product(*(vals for _, vals in grid))):
         point = [f"{k}={v}" for k, v in zip(keys, values)]
         name = stem + "".join(_suffix(keys, k, v) for k, v in zip(keys, values)) + f"_s{seed}"
         run_overrides = [*overrides, *point, f"name={name}", f"runtime.seed={seed}"]

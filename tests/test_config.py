@@ -53,7 +53,7 @@ def test_overrides_parse_yaml_scalars_and_fractions():
     ("method.beta=-1", "method.beta: must be >= 0"),
     ("method.name=fgsm_magic", "method.name: 'fgsm_magic' is not one of standard, pgd_at"),
     ("model.name=resnet9000", "model.name: 'resnet9000' is not one of"),
-    ("data.dataset=imagenet", "data.dataset: 'imagenet' is not one of"),
+    ("data.dataset=imagenet21k", "data.dataset: 'imagenet21k' is not one of"),
     ("attack.norm=Linfinity", "attack.norm"),
     ("ema.decay=1.5", "ema.decay"),
     ("optim.epochs=0", "optim.epochs: must be > 0"),

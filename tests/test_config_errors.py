@@ -134,8 +134,8 @@ def test_values_just_inside_each_rule_are_accepted(overrides, check):
 
 
 @pytest.mark.parametrize("key,value,registry", [
-    ("data.dataset", "imagenet", sorted(DATASETS)),
-    ("model.name", "resnet9000", list_models()),
+    ("data.dataset", "places365", sorted(DATASETS)),
+    ("model.name", "vgg9000", list_models()),
 ])
 def test_registry_names_are_listed_in_full(key, value, registry):
     message = error_of(overridden, f"{key}={value}")

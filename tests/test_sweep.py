@@ -39,7 +39,7 @@ def test_names_are_stable_and_readable(recipes, tmp_path, capsys):
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        f"{m}_steps-{k}_eps-0.1_s{s}" for m in ("pgd_at", "trades") for k in (1, 3) for s in (0, 2)]
+        f"{m}_steps-{k}_eps-0.1_s{s}" for s in (0, 2) for m in ("pgd_at", "trades") for k in (1, 3)]  # seeds outermost
     assert "optim.epochs=1 attack.steps=1 eval.eps=0.1 name=pgd_at_steps-1_eps-0.1_s0 runtime.seed=0" in lines[0]
     assert not (tmp_path / "sw").exists()  # a dry run writes nothing
     specs = sweep.plan([str(recipes / "base.yaml")], [], sweep.parse_grid(["attack.eps=0.1", "eval.eps=0.2"]),
@@ -112,8 +112,8 @@ def test_slurm_submission_script_requeues_and_runs_torchrun(recipes, tmp_path, m
     assert "submitit.core._submit" in script
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert {n: (r["state"], r["job_id"]) for n, r in runs.items()} == {
-        "pgd_at_s0": ("submitted", "4242_0"), "pgd_at_s1": ("submitted", "4242_1"),
-        "trades_s0": ("submitted", "4242_2"), "trades_s1": ("submitted", "4242_3")}
+        "pgd_at_s0": ("submitted", "4242_0"), "trades_s0": ("submitted", "4242_1"),  # seeds outermost
+        "pgd_at_s1": ("submitted", "4242_2"), "trades_s1": ("submitted", "4242_3")}
     res = sweep.Resources(gpus_per_node=4)
     assert sweep.launcher(res)[:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
     two = sweep.Resources(gpus_per_node=4, nodes=2, tasks_per_node=2)
@@ -143,15 +143,15 @@ def test_a_killed_sweep_reruns_to_the_uninterrupted_results(recipes, tmp_path):
     driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=120) == 75
     states = {n: r["state"] for n, r in json.loads((out / "sweep.json").read_text())["runs"].items()}
-    assert states == {"pgd_at_s0": "preempted", "pgd_at_s1": "preempted", "trades_s0": "pending",
-                      "trades_s1": "pending"}
+    assert states == {"pgd_at_s0": "preempted", "trades_s0": "preempted", "pgd_at_s1": "pending",
+                      "trades_s1": "pending"}  # seeds outermost: the two seed-0 runs went first
     saved = load_checkpoint(first / "checkpoints" / "last.pt")
     assert 0 < saved["step"] < 64 and saved["loader"]["batch"] > 0  # stopped mid-epoch (32 steps an epoch)
     assert not (first / "results.json").exists()
     assert subprocess.run(cmd).returncode == 0
     manifest = json.loads((out / "sweep.json").read_text())["runs"]
     assert {n: (r["state"], r["attempts"]) for n, r in manifest.items()} == {
-        "pgd_at_s0": ("done", 2), "pgd_at_s1": ("done", 2), "trades_s0": ("done", 1), "trades_s1": ("done", 1)}
+        "pgd_at_s0": ("done", 2), "trades_s0": ("done", 2), "pgd_at_s1": ("done", 1), "trades_s1": ("done", 1)}
     for name, entry in manifest.items():  # the uninterrupted reference: the same `advgkl train`, in one go
         ref = tmp_path / "ref" / name
         assert main(["train", str(out / "recipes" / f"{name[:-3]}.yaml"), *entry["overrides"], "--out", str(ref)]) == 0

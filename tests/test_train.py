@@ -7,6 +7,7 @@ import torch
 from advgkl import cli, trainers
 from advgkl.checkpoint import load_checkpoint
 from advgkl.config import from_dict
+from advgkl.data import TWO_VIEW_AUGMENTATIONS
 from advgkl.methods import METHODS, Context
 from advgkl.errors import UserError
 from conftest import tiny_recipe
@@ -39,6 +40,8 @@ def teacher_ckpt(fmnist_root, tmp_path_factory):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_writes_the_run_folder(method, fmnist_root, teacher_ckpt, tmp_path):
     extra = [f"method.teacher={teacher_ckpt}", "method.kd_adversarial=true"] if method == "gkl_kd" else []
+    if METHODS[method].views == 2:
+        extra.append(f"data.augment={TWO_VIEW_AUGMENTATIONS[0]}")
     results = trainers.train(small_cfg(fmnist_root, f"method.name={method}", *extra), tmp_path)
     for name in ("results.json", "metrics.jsonl", "config.yaml", "checkpoints/last.pt", "checkpoints/final.pt"):
         assert (tmp_path / name).exists(), name

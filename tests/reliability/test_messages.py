@@ -61,11 +61,11 @@ def files_under(folder) -> list[str]:
 def test_top_level_help_is_plain_text(capsys):
     code, out, err = run(capsys, ["--help"])
     assert code == 0 and err == []
-    assert out[0] == "usage: advgkl [-h] {train,eval,leaderboard,reproduce,export-robustbench} ..."
-    text = " ".join(" ".join(out).split())
+    text = " ".join(" ".join(out).split())  # argparse wraps the usage line to the terminal's width
+    assert text.startswith("usage: advgkl [-h] {train,eval,sweep,summarize,leaderboard,reproduce,export-robustbench} ...")
     assert "``" not in text
     assert "Adversarial training and robustness evaluation: train | eval | leaderboard | reproduce | " \
-           "export-robustbench." in text
+           "export-robustbench | sweep | summarize." in text
 
 
 def test_eval_help_describes_the_checkpoint_and_resume(capsys):
@@ -92,7 +92,7 @@ def test_train_without_a_recipe_says_the_recipe_is_missing(capsys, tmp_path, mon
      "recipe, e.g. optim.epochs=2"),
     (["eval", "final.pt", "--epsilon", "0.1"], "usage: advgkl eval [-h] [--out OUT] [--n-examples N_EXAMPLES]",
      "advgkl eval: error: unrecognized arguments: --epsilon 0.1"),
-    (["leaderboard", "--bogus"], "usage: advgkl leaderboard [-h] [--dataset {cifar10,cifar100}]",
+    (["leaderboard", "--bogus"], "usage: advgkl leaderboard [-h] [--dataset {cifar10,cifar100,imagenet}]",
      "advgkl leaderboard: error: unrecognized arguments: --bogus"),
 ])
 def test_an_unknown_flag_prints_the_subcommands_usage_and_names_the_flag(capsys, tmp_path, monkeypatch, argv,
@@ -160,7 +160,7 @@ def _interrupt(*args, **kwargs):
      "advgkl eval: interrupted; rerun with --resume to continue"),
     (["reproduce", R18], [(rbcli, "reproduce")],
      "advgkl reproduce: interrupted; rerun with --resume to continue"),
-    (["leaderboard"], [(rbcli, "leaderboard")], "advgkl leaderboard: interrupted"),
+    (["leaderboard", "--dataset", "cifar10"], [(rbcli, "leaderboard")], "advgkl leaderboard: interrupted"),
     (["export-robustbench", "run"], [(rbcli, "export_robustbench")], "advgkl export-robustbench: interrupted"),
 ])
 def test_interrupted_commands_advise_resume_only_where_it_exists(capsys, monkeypatch, argv, patch, expected):

@@ -237,7 +237,7 @@ def test_a_folder_is_named_as_a_folder(tmp_path, capsys, no_training):
     (["attack.name=pgdd"], "attack.name: 'pgdd' is not one of pgd, fgsm; did you mean 'pgd'?"),
     (["attack.norm=linf"], "attack.norm: 'linf' is not one of Linf, L2; did you mean 'Linf'?"),
     (["data.dataset=fashion-mnist"], "data.dataset: 'fashion-mnist' is not one of cifar10, cifar100, "
-                                     "fashion_mnist, imagefolder, mnist, svhn; did you mean 'fashion_mnist'?"),
+                                     "fashion_mnist, imagefolder, imagenet, mnist, svhn; did you mean 'fashion_mnist'?"),
     (["optim.name=adam"], "optim.name: 'adam' is not one of sgd, adamw; did you mean 'adamw'?"),
 ])
 def test_a_misspelt_key_or_choice_suggests_the_close_one(tmp_path, capsys, no_training, overrides, message):
