@@ -356,15 +356,17 @@ else:
     print("\n".join(problems) if problems else f"summary.csv agrees with the {len(runs)} results.json file(s)")
 
 # %% [markdown]
-# ## 8. Robust distillation and the GKL ablations
+# ## 8. Robust distillation, GKL ablations, equal tricks, tuned GKL-AT
 #
-# Two smaller studies live beside the main one, each in a subfolder with the same layout (`runs/<name>_s<seed>/`):
+# Smaller studies live beside the main one, each in a subfolder with the same layout (`runs/<name>_s<seed>/`):
 # `kd/` distils the robust small_cnn teacher into the mini_cnn student (KL vs GKL, natural vs adversarial inputs,
 # and the student trained with PGD-AT alone as the reference), evaluated with standard AutoAttack; `ablations/`
 # changes one thing at a time in GKL-AT and is evaluated with the labelled fast screening attack (APGD-CE +
 # APGD-T) on fewer points, so its AutoAttack column is not comparable with the main table's; PGD-20 on all 10,000
-# test points is the comparable column there. With `ADVGKL_WRITE_FIGURES=1` each table is also written to
-# `<subfolder>/summary.md`.
+# test points is the comparable column there. `tricks/` trains the tuned GKL-AT, TRADES and PGD-AT with the
+# same AWP, weight EMA and constant eps, so that the loss is the only difference; `a4/` is the tuned GKL-AT
+# (alpha 4) without them, both evaluated like the main table. With `ADVGKL_WRITE_FIGURES=1` each table is also
+# written to `<subfolder>/summary.md`.
 
 # %%
 RESULTS["substudies"] = {}

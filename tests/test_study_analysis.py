@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def test_committed_tables_are_rebuilt_byte_for_byte(committed):
     assert {m: (r["run"], r["beta"]) for m, r in analysis.best_beta(rows).items()} == {
         "gkl_at": ("abl_b10_s0", 10.0), "gkl_kd": ("tune_kd_gkl_adv_b5_clip5_s0", 5.0),
         "mart": ("tune_mart_b12_s0", 12.0), "trades": ("tune_trades_b12_s0", 12.0)}
+
+
+def test_readme_tables_are_the_committed_summaries():
+    """Every table between <!-- X-table --> markers in the study's README is its folder's summary.md, verbatim."""
+    readme = (STUDY_CODE / "README.md").read_text()
+    folders = {"study": COMMITTED, "tuning": COMMITTED / "tuning",
+               **{sub: COMMITTED / sub for sub in analysis.SUBSTUDIES}}
+    marked = re.findall(r"<!-- (\w+)-table -->\n(.*?)<!-- /\1-table -->", readme, re.S)
+    assert {name for name, _ in marked} == set(folders)
+    for name, table in marked:
+        assert table == (folders[name] / "summary.md").read_text(), f"README's {name} table is stale"
 
 
 def test_committed_summary_csv_agrees(committed):

@@ -19,7 +19,7 @@ from advgkl import summarize
 from advgkl.summarize import (COLLAPSED_BELOW, Z_95, describe_recipe, fmt, is_collapsed, joined,  # noqa: F401
                               load_run, markdown_table, parse_run_name, pct_mean_std, subset_halfwidth_95)
 
-SUBSTUDIES = ("kd", "ablations")
+SUBSTUDIES = ("kd", "ablations", "tricks", "a4")
 
 
 def study_dir(root: Path, override: str | None) -> Path:
