@@ -89,11 +89,15 @@ def test_without_the_whole_batch_normaliser_the_gkl_step_differs(fmnist_root, ba
 
 
 def test_per_sample_weights_normalise_each_micro_batch_by_itself(fmnist_root, batches):
-    """weights: sample follow from logits, so a micro-batch cannot know the whole batch's normaliser."""
+    """weights: sample follow from logits, so a micro-batch cannot know the whole batch's normaliser. At
+    gamma 1 each row of softmax weights sums to 1, every normaliser is the row count and the micro-batches'
+    own ones are exact; at gamma 0.5 with peaked weights (T 0.05) the row sums differ from sample to sample."""
     over = ["method.name=gkl_at", "method.weights=sample", "method.beta=20", "method.alpha=4", UNIFORM]
-    whole, parts = steps(fmnist_root, batches, 1, *over), steps(fmnist_root, batches, 4, *over)
-    diff = max_weight_diff(whole, parts)
-    assert WEIGHT_ATOL < diff < 1e-3  # measured 1.7e-5 after 3 steps (k = 4): close, not equal
+    gamma1 = max_weight_diff(steps(fmnist_root, batches, 1, *over), steps(fmnist_root, batches, 4, *over))
+    assert gamma1 < 25 * WEIGHT_ATOL  # rounding: measured 2.2e-8 on an AMD EPYC, 1.7e-5 on an AVX-512 Xeon
+    over += ["method.gamma=0.5", "method.sample_temperature=0.05"]
+    diff = max_weight_diff(steps(fmnist_root, batches, 1, *over), steps(fmnist_root, batches, 4, *over))
+    assert 25 * WEIGHT_ATOL < diff < 1e-2  # measured 9.1e-5 after 3 steps (k = 4, AMD EPYC): close, not equal
 
 
 @pytest.mark.parametrize("method", ["trades", "gkl_at"])

@@ -24,7 +24,7 @@ def test_the_command_rebuilds_the_committed_study_files(tmp_path, capsys, monkey
     assert out["csv"].read_bytes() == (STUDY / "summary.csv").read_bytes()
     assert out["png"].read_bytes() == (STUDY / "summary.png").read_bytes()
     assert md in capsys.readouterr().out
-    for sub in ("kd", "ablations"):
+    for sub in ("kd", "ablations", "tricks", "a4"):
         assert main(["summarize", str(STUDY / sub), "--columns", *summarize.SHORT_COLUMNS, "--no-footnote",
                      "--md", str(tmp_path / f"{sub}.md"), "--csv", str(tmp_path / f"{sub}.csv")]) == 0
         assert (tmp_path / f"{sub}.md").read_text() == (STUDY / sub / "summary.md").read_text()
